@@ -1,0 +1,28 @@
+# The two commands of the README: `make run` and `make test`. Both bootstrap .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/tiny.yaml
+export DS_ACCELERATOR := cpu
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test test-slow install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade-strategy only-if-needed -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: install
+	$(VENV)/bin/fluxir run $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
+
+clean:
+	rm -rf runs .pytest_cache
