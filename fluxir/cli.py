@@ -1,0 +1,197 @@
+"""The `fluxir` command line: one subcommand per stage, each reading a YAML config plus key=value overrides."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fluxir.config import Config, ConfigError, dump_config, load_config
+
+log = logging.getLogger("fluxir")
+
+
+def _config(args) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def _policy_dir(cfg: Config, given: str | None) -> Path:
+    return Path(given) if given else cfg.run_dir / "pretrain" / "model"
+
+
+def _load_trained(cfg: Config, policy_dir: Path):
+    from fluxir.codec import build_codec
+    from fluxir.policy import load_policy
+    from fluxir.pretrain import token_channels
+
+    codec = build_codec(cfg)
+    return load_policy(policy_dir, cfg, token_channels(codec)), codec
+
+
+def _testset(cfg: Config) -> dict:
+    from fluxir.data import load_testset, materialise_testset
+
+    d = cfg.data
+    path = materialise_testset(cfg.testset_dir, tasks=d.tasks, crop=d.test_crop,
+                               crops_per_image=d.test_crops_per_image, seed=1234, scale=d.test_scale)
+    return load_testset(path)
+
+
+def cmd_pretrain(args) -> int:
+    cfg = _config(args)
+    from actors.pretrain import run_pretrain
+
+    out = run_pretrain(cfg)
+    print(f"pretrained policy: {out['model_dir']} ({out['seconds']:.0f} s)")
+    return 0
+
+
+def _evaluate(cfg: Config, policy_dir: Path, nfes, keep_images: bool):
+    from tqdm import tqdm
+
+    from fluxir.evaluate import evaluate, lpips_or_reason
+
+    policy, codec = _load_trained(cfg, policy_dir)
+    testset = _testset(cfg)
+    lpips_net, reason = lpips_or_reason(cfg.eval.lpips)
+    nfes = nfes or cfg.eval.nfe
+    with tqdm(total=len(testset) * len(nfes), desc="eval", unit="task·nfe", file=sys.stdout) as bar:
+        result = evaluate(policy, codec, testset, cfg, nfes, lpips_net, keep_images=keep_images,
+                          progress=lambda *_: bar.update())
+    result["lpips_reason"] = reason
+    return result, testset
+
+
+def cmd_eval(args) -> int:
+    from fluxir.report import eval_section, write_json
+
+    cfg = _config(args)
+    policy_dir = _policy_dir(cfg, args.policy)
+    result, _ = _evaluate(cfg, policy_dir, args.nfe, keep_images=False)
+    command = "fluxir eval " + " ".join([args.config, *args.overrides])
+    print(eval_section(f"Evaluation of {policy_dir}", result, command))
+    result.pop("images")
+    write_json(cfg.run_dir / "eval.json", result)
+    return 0
+
+
+def cmd_restore(args) -> int:
+    import torch
+
+    from fluxir.data import load_image, save_image
+    from fluxir.degradations import TASKS
+    from fluxir.evaluate import restore_set
+    from fluxir.sampling import pad_to_multiple
+
+    card = json.loads((Path(args.policy) / "policy.json").read_text())
+    cfg = Config.model_validate(card["config"]) if args.config is None else load_config(args.config)
+    if args.task not in TASKS:
+        raise ConfigError(f"--task {args.task!r} is not one of {list(TASKS)}")
+    policy, codec = _load_trained(cfg, Path(args.policy))
+    image = load_image(args.input, min_size=8)[None]
+    padded, (h, w) = pad_to_multiple(image, max(4, 2 * codec.downsample))
+    with torch.no_grad():
+        out = restore_set(policy, codec, padded, args.task, cfg, args.nfe, seed=cfg.seed)
+    save_image(out[0, :, :h, :w], args.output)
+    print(f"restored {args.input} ({args.task}, NFE {args.nfe}) -> {args.output}")
+    return 0
+
+
+def cmd_testset(args) -> int:
+    cfg = _config(args)
+    testset = _testset(cfg)
+    print(f"test set at {cfg.testset_dir}: " + ", ".join(f"{t} {v['lq'].shape[0]}" for t, v in testset.items()))
+    return 0
+
+
+def cmd_run(args) -> int:
+    """The whole pipeline so far: test set, stage-0 pretraining, evaluation, report."""
+    from fluxir.report import eval_section, wins, write_grids, write_json, write_report
+    from actors.pretrain import run_pretrain
+
+    cfg = _config(args)
+    start = time.perf_counter()
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    print(f"[1/3] stage 0: pretraining the {cfg.model.preset} policy ({cfg.pretrain.steps} steps)")
+    trained = run_pretrain(cfg)
+    print(f"[2/3] evaluating on the frozen test set at NFE {cfg.eval.nfe}")
+    result, testset = _evaluate(cfg, Path(trained["model_dir"]), None, keep_images=True)
+    print("[3/3] writing the report")
+    grids = write_grids(run_dir, testset, result, cfg.eval.grid_samples)
+    command = "fluxir run " + " ".join([args.config, *args.overrides])
+    summary = [f"# fluxir run `{cfg.name}`",
+               f"Stage 0: {cfg.pretrain.steps} steps, {trained['seconds']:.0f} s on {cfg.pretrain.num_workers} "
+               f"Ray Train workers (DeepSpeed ZeRO-{cfg.pretrain.zero_stage}). Whole run: "
+               f"{time.perf_counter() - start:.0f} s."]
+    for n in result["nfe"]:
+        won = wins(result, n)
+        summary.append(f"- NFE {n}: beats the LQ input in PSNR on {len(won)}/{len(result['tasks'])} tasks"
+                       + ("" if len(won) == len(result["tasks"]) else
+                          f" (not on {', '.join(t for t in result['tasks'] if t not in won)})"))
+    summary.append("(`sr`'s LQ input is bicubic ×4 upsampling, so its column is the bicubic baseline.)")
+    images = "## Before / after\n\n" + "\n\n".join(f"### {t}\n\n![{t}]({p})" for t, p in grids.items())
+    report = write_report(run_dir, ["\n\n".join(summary),
+                                    eval_section("Stage-0 base on the frozen test set", result, command), images])
+    result.pop("images")
+    write_json(run_dir / "eval.json", result)
+    print(report.read_text().split("## Before")[0])
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxir", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the whole pipeline: test set, pretrain, eval, report")
+    _add_config(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pretrain", help="stage 0: flow-matching training on Ray Train + DeepSpeed")
+    _add_config(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="per-task PSNR/SSIM(/LPIPS) on the frozen test set")
+    _add_config(p)
+    p.add_argument("--policy", help="trained policy folder (default: <run>/pretrain/model)")
+    p.add_argument("--nfe", type=int, nargs="+", help="step counts (default: eval.nfe)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("restore", help="restore one image with a trained policy")
+    p.add_argument("--policy", required=True, help="trained policy folder (holds policy.json)")
+    p.add_argument("--task", required=True, help="restoration task, e.g. denoise")
+    p.add_argument("--nfe", type=int, default=1, help="sampler steps (default 1)")
+    p.add_argument("--config", help="config YAML (default: the one stored with the policy)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("testset", help="materialise the frozen test set (PNG pairs + manifest)")
+    _add_config(p)
+    p.set_defaults(func=cmd_testset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"fluxir: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Typed experiment configuration: pydantic models loaded from YAML, with `key.sub=value` overrides.
+
+A wrong key or value stops start-up with a `ConfigError` whose message names the dotted path.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fluxir.degradations import TASKS
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the dotted key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Attention q/k/v/out, feed-forward and context projections, as FLUX LoRAs usually target.
+    targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                          "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                          "ff_context.net.2", "proj_mlp", "proj_out"]
+
+
+class ModelConfig(Strict):
+    """The FluxTransformer2DModel policy. `tiny` builds from the sizes below; `flux-dev` loads `path`."""
+    preset: Literal["tiny", "flux-dev"] = "tiny"
+    path: str | None = None  # local diffusers folder (flux-dev: the pipeline folder with transformer/ and vae/)
+    num_layers: int = Field(2, ge=0)
+    num_single_layers: int = Field(2, ge=0)
+    attention_head_dim: int = Field(16, ge=4)
+    num_attention_heads: int = Field(4, ge=1)
+    joint_attention_dim: int = Field(64, ge=1)
+    pooled_projection_dim: int = Field(64, ge=1)
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+    text_tokens: int = Field(4, ge=1)  # learned task tokens per task (tiny)
+    parametrization: Literal["velocity", "x0_residual"] = "x0_residual"
+    conditioning: Literal["task", "blind"] = "task"
+    prompt_cache: str | None = None  # safetensors of cached prompt embeddings (flux-dev)
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
+                             f"{self.attention_head_dim}")
+        if self.preset == "flux-dev" and not self.path:
+            raise ValueError("preset flux-dev needs model.path (a local diffusers folder)")
+        return self
+
+
+class CodecConfig(Strict):
+    kind: Literal["pixel", "vae"] = "pixel"
+    vae_path: str | None = None  # diffusers AutoencoderKL folder (default: <model.path>/vae)
+
+
+class FlowConfig(Strict):
+    """Rectified flow from source (t=1) to clean (t=0); see DESIGN.md §4."""
+    source: Literal["gaussian", "lq"] = "lq"
+    sigma_src: float = Field(0.1, gt=0)
+    t_start: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FlowConfig":
+        if self.source == "gaussian" and self.t_start != 1.0:
+            raise ValueError("a gaussian source needs t_start = 1 (no clean estimate to start part-way)")
+        return self
+
+
+class DataConfig(Strict):
+    tasks: list[str] = list(TASKS)
+    folder: str | None = None  # optional folder of clean training images (default: bundled photos)
+    train_scale: float = Field(0.5, gt=0, le=1)
+    crop: int = Field(32, ge=8)
+    batch_size: int = Field(16, ge=1)
+    test_crop: int = Field(64, ge=8)
+    test_crops_per_image: int = Field(4, ge=1)
+    test_scale: float = Field(0.5, gt=0, le=1)
+    testset_dir: str | None = None  # default: <output_dir>/testset-<crop>-<scale>
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
+        return tasks
+
+    @field_validator("crop", "test_crop")
+    @classmethod
+    def _multiple_of_4(cls, v: int) -> int:
+        if v % 4:
+            raise ValueError(f"{v} is not a multiple of 4 (x4 super-resolution and 2x2 token packing)")
+        return v
+
+
+class PretrainConfig(Strict):
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    num_workers: int = Field(2, ge=1)
+    deepspeed: str = "configs/deepspeed/zero2_cpu.json"
+    zero_stage: int = Field(2, ge=0, le=3)
+    loss: Literal["mse", "log_mse"] = "log_mse"
+    t_start_fraction: float = Field(0.5, ge=0, le=1)  # share of samples at t = t_start (the 1-NFE state)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(50, ge=1)
+
+
+class EvalConfig(Strict):
+    nfe: list[int] = [1, 2, 4, 8]
+    schedule: Literal["uniform", "shifted"] = "uniform"
+    shift: float = Field(1.0, gt=0)
+    crop_border: int = Field(0, ge=0)
+    test_y_channel: bool = False
+    batch_size: int = Field(16, ge=1)
+    tile: int | None = None  # tile size for restoring larger images (default: data.crop)
+    overlap: int = Field(8, ge=0)
+    lpips: bool = True
+    grid_samples: int = Field(4, ge=1)  # before/after rows per task in the report
+
+    @field_validator("nfe")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError("nfe must be a non-empty list of positive step counts")
+        return v
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: a local instance bound to 127.0.0.1
+    num_cpus: int | None = None
+    dashboard: bool = False
+
+
+class WandbConfig(Strict):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "fluxir"
+
+
+class Config(Strict):
+    name: str = "tiny"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    codec: CodecConfig = CodecConfig()
+    flow: FlowConfig = FlowConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def testset_dir(self) -> Path:
+        if self.data.testset_dir:
+            return Path(self.data.testset_dir)
+        return Path(self.output_dir) / f"testset-{self.data.test_crop}-{self.data.test_scale:g}"
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`3`, `true`, `[1, 2]`)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    path, raw = override.split("=", 1)
+    keys = path.strip().split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys[:i + 1])}: is a value, cannot set {path}")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"invalid configuration ({source}): {_describe(err)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys")
+    tree = copy.deepcopy(tree)
+    for override in overrides:
+        apply_override(tree, override)
+    return config_from_dict(tree, str(path) if path else "<defaults>")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,119 @@
+"""Rectified flow (DESIGN.md §4): the path, Euler ODE step, modulated stochastic step, schedules.
+
+Time runs from t = 1 (source x1) to t = 0 (clean x0): x_t = (1−t)·x0 + t·x1, velocity v = x1 − x0.
+Tensors are token batches (B, N, C) or images (B, C, H, W); `t` is a float or a (B,) tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _bcast(t, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return t.view(-1, *([1] * (like.dim() - 1))) if t.dim() else t
+
+
+def interpolate(x0: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
+    """x_t = (1−t)·x0 + t·x1."""
+    t = _bcast(t, x0)
+    return (1 - t) * x0 + t * x1
+
+
+def velocity_target(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    return x1 - x0
+
+
+def x0_hat(x_t: torch.Tensor, velocity: torch.Tensor, t) -> torch.Tensor:
+    """Clean estimate x0̂ = x_t − t·v."""
+    return x_t - _bcast(t, x_t) * velocity
+
+
+def x1_hat(x_t: torch.Tensor, velocity: torch.Tensor, t) -> torch.Tensor:
+    """Source estimate x1̂ = x_t + (1−t)·v."""
+    return x_t + (1 - _bcast(t, x_t)) * velocity
+
+
+def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
+    """The velocity whose clean estimate at (x_t, t) is x0: v = (x_t − x0)/t (t > 0)."""
+    return (x_t - x0) / _bcast(t, x_t)
+
+
+def ode_step(x_t: torch.Tensor, velocity: torch.Tensor, t, s) -> torch.Tensor:
+    """Euler step from t to s < t: x_s = x_t + (s − t)·v."""
+    return x_t + (_bcast(s, x_t) - _bcast(t, x_t)) * velocity
+
+
+def stochastic_step_moments(x_t, velocity, t, s, mu, sigma: float, rho: float):
+    """Mean and std of the modulated step t → s.
+
+    Source x1 = μ + σ·ε; ε̂ = (x1̂ − μ)/σ; x_s = (1−s)·x0̂ + s·(μ + σ·(√(1−ρ²)·ε̂ + ρ·z)).
+    Only the noise part of the source is refreshed, so the path's marginal is kept.
+    """
+    s_b = _bcast(s, x_t)
+    eps_hat = (x1_hat(x_t, velocity, t) - mu) / sigma
+    mean = (1 - s_b) * x0_hat(x_t, velocity, t) + s_b * (mu + sigma * math.sqrt(1 - rho ** 2) * eps_hat)
+    std = s_b * sigma * rho
+    return mean, std
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """log N(x; mean, std²) summed over all but the batch dim, in fp32. (B,)"""
+    x, mean = x.float(), mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).expand_as(x)
+    lp = -((x - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).sum(1)
+
+
+def stochastic_step(x_t, velocity, t, s, mu, sigma: float, rho: float, noise: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None):
+    """One modulated step; returns (x_s, log_prob (B,)). ρ = 0 is exactly the ODE step (log_prob 0)."""
+    mean, std = stochastic_step_moments(x_t, velocity, t, s, mu, sigma, rho)
+    if rho == 0:
+        return mean, torch.zeros(x_t.shape[0], device=x_t.device)
+    if noise is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    x_s = mean + std * noise
+    return x_s, gaussian_log_prob(x_s, mean, std)
+
+
+# --- schedules: strictly decreasing lists from t_start to 0; NFE = len(schedule) − 1 -------------
+
+def uniform_schedule(nfe: int, t_start: float = 1.0) -> list[float]:
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    return [t_start * (1 - i / nfe) for i in range(nfe)] + [0.0]
+
+
+def shift_time(t: float, shift: float) -> float:
+    """FLUX/SD3 time shift: t' = shift·t / (1 + (shift − 1)·t); shift > 1 spends more steps near t = 1."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flux_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+               base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FluxPipeline's resolution-dependent shift exp(μ), μ linear in the token count."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return math.exp(image_seq_len * m + base_shift - m * base_seq_len)
+
+
+def shifted_schedule(nfe: int, t_start: float = 1.0, shift: float = 3.0) -> list[float]:
+    return [t_start * shift_time(t, shift) if t > 0 else 0.0 for t in uniform_schedule(nfe, 1.0)]
+
+
+def check_schedule(schedule: list[float]) -> list[float]:
+    """Validate a schedule: at least two times, strictly decreasing, ending at 0, within (0, 1]."""
+    if len(schedule) < 2 or schedule[-1] != 0.0 or schedule[0] > 1.0:
+        raise ValueError(f"a schedule runs from t_start <= 1 down to 0 with >= 2 entries, got {schedule}")
+    if any(a <= b for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(f"schedule must be strictly decreasing, got {schedule}")
+    return [float(t) for t in schedule]
+
+
+def make_schedule(kind: str, nfe: int, t_start: float = 1.0, shift: float = 3.0) -> list[float]:
+    if kind == "uniform":
+        return uniform_schedule(nfe, t_start)
+    if kind == "shifted":
+        return shifted_schedule(nfe, t_start, shift)
+    raise ValueError(f"unknown schedule kind {kind!r}; known: uniform, shifted")

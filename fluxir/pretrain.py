@@ -1,0 +1,67 @@
+"""Stage 0 (DESIGN.md §5): supervised flow matching on (LQ, GT, task) pairs, as a `Recipe`.
+
+The Ray layer (actors/train.py) runs this recipe in Ray Train workers with a DeepSpeed engine.
+"""
+from __future__ import annotations
+
+import torch
+
+from fluxir import flow
+from fluxir.codec import build_codec, image_ids, pack
+from fluxir.config import Config, config_from_dict
+from fluxir.data import TrainStream, bundled_images, ImageFolderSource
+from fluxir.objectives import flow_matching_loss, per_sample_mse, psnr_from_mse, sample_times, seed_for
+from fluxir.policy import build_policy, save_policy
+from fluxir.sampling import source_mean
+
+
+def training_images(cfg: Config) -> list[tuple[str, torch.Tensor]]:
+    if cfg.data.folder:
+        return ImageFolderSource(cfg.data.folder, min_size=cfg.data.crop).images
+    return bundled_images("train", scale=cfg.data.train_scale)
+
+
+def token_channels(codec) -> int:
+    return codec.latent_channels * 4
+
+
+class FlowMatchingRecipe:
+    """Builds the policy, yields deterministic batches (the cursor is the step), computes the loss."""
+
+    def __init__(self, config: dict | Config):
+        self.cfg = config if isinstance(config, Config) else config_from_dict(config)
+        self.codec = build_codec(self.cfg)
+        d = self.cfg.data
+        self.stream = TrainStream(training_images(self.cfg), d.tasks, d.crop, d.batch_size, self.cfg.seed)
+
+    def build_model(self):
+        return build_policy(self.cfg, token_channels(self.codec))
+
+    def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def batch(self, step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        b = self.stream.batch(step, rank, world_size)
+        gen = torch.Generator().manual_seed(seed_for(self.cfg.seed, step, rank, 7))
+        n = b["gt"].shape[0]
+        b["t"] = sample_times(n, self.cfg.flow.t_start, self.cfg.pretrain.t_start_fraction, gen)
+        lat = self.codec.latent_channels
+        h, w = b["gt"].shape[-2] // self.codec.downsample, b["gt"].shape[-1] // self.codec.downsample
+        b["noise"] = torch.randn(n, lat, h, w, generator=gen)
+        return b
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x0_img, lq_img = self.codec.encode(batch["gt"]), self.codec.encode(batch["lq"])
+        h, w = x0_img.shape[-2:]
+        x0, lq = pack(x0_img), pack(lq_img)
+        sigma = self.cfg.flow.sigma_src if self.cfg.flow.source == "lq" else 1.0
+        x1 = source_mean(lq, self.cfg.flow.source) + sigma * pack(batch["noise"])
+        x_t = flow.interpolate(x0, x1, batch["t"])
+        pred = model(x_t, lq, batch["t"], batch["task"], image_ids(h, w))
+        loss = flow_matching_loss(pred, x0, x1, self.cfg.model.parametrization, self.cfg.pretrain.loss)
+        with torch.no_grad():
+            psnr = psnr_from_mse(per_sample_mse(pred.x0_hat, x0)).mean().item()
+        return loss, {"x0_psnr": psnr}
+
+    def save_model(self, model, directory: str) -> None:
+        save_policy(model, directory, self.cfg, extra={"stage": "pretrain"})

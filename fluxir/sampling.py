@@ -1,0 +1,126 @@
+"""Samplers over explicit schedules: the deterministic ODE, modulated stochastic variants, tiled restore.
+
+Every sampler takes a schedule list (t_start, ..., 0); NFE = len(schedule) − 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fluxir import flow
+from fluxir.codec import image_ids, pack, unpack
+
+
+@dataclass
+class Trajectory:
+    """States x_{t_i} (B, N, C) at every schedule time, the step log-probs and the final clean tokens."""
+    schedule: list[float]
+    states: list[torch.Tensor] = field(default_factory=list)
+    log_probs: list[torch.Tensor] = field(default_factory=list)  # one (B,) per step; 0 for ODE steps
+    x0_hats: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.states[-1]
+
+
+def source_mean(lq_tokens: torch.Tensor, source: str) -> torch.Tensor:
+    """μ of the source x1 = μ + σ·ε: the LQ latent (`lq`) or zero (`gaussian`)."""
+    return lq_tokens if source == "lq" else torch.zeros_like(lq_tokens)
+
+
+def initial_state(lq_tokens, flow_cfg, generator=None) -> torch.Tensor:
+    """x at t_start: μ + σ·ε at t = 1; part-way (t_start < 1, lq source) the LQ stands in for x0."""
+    mu = source_mean(lq_tokens, flow_cfg.source)
+    sigma = flow_cfg.sigma_src if flow_cfg.source == "lq" else 1.0
+    eps = torch.randn(lq_tokens.shape, generator=generator, dtype=lq_tokens.dtype)
+    return flow.interpolate(mu, mu + sigma * eps, flow_cfg.t_start)
+
+
+def sample_trajectory(policy, lq_tokens, task, img_ids, schedule, flow_cfg, x_start=None, rho: float = 0.0,
+                      stochastic_steps: set[int] | None = None, generator=None) -> Trajectory:
+    """Integrate from x_start along `schedule`; steps in `stochastic_steps` use the modulated step with ρ.
+
+    lq_tokens (B, N, C); task (B,) int64; img_ids (N, 3). Without a stochastic step this is the ODE.
+    """
+    schedule = flow.check_schedule(schedule)
+    mu = source_mean(lq_tokens, flow_cfg.source)
+    sigma = flow_cfg.sigma_src if flow_cfg.source == "lq" else 1.0
+    x = initial_state(lq_tokens, flow_cfg, generator) if x_start is None else x_start
+    traj = Trajectory(schedule, [x])
+    for i, (t, s) in enumerate(zip(schedule, schedule[1:])):
+        pred = policy(x, lq_tokens, torch.full((x.shape[0],), t), task, img_ids)
+        traj.x0_hats.append(pred.x0_hat)
+        if s == 0.0:
+            x, lp = pred.x0_hat, torch.zeros(x.shape[0])  # the last step lands on the clean estimate
+        elif stochastic_steps and i in stochastic_steps and rho > 0:
+            x, lp = flow.stochastic_step(x, pred.velocity, t, s, mu, sigma, rho, generator=generator)
+        else:
+            x, lp = flow.ode_step(x, pred.velocity, t, s), torch.zeros(x.shape[0])
+        traj.states.append(x)
+        traj.log_probs.append(lp)
+    return traj
+
+
+@torch.no_grad()
+def restore(policy, codec, lq: torch.Tensor, task: torch.Tensor, schedule, flow_cfg, seed: int = 0) -> torch.Tensor:
+    """Restore a batch (B, 3, H, W) in [0, 1] with the ODE sampler; returns (B, 3, H, W) in [0, 1]."""
+    z = codec.encode(lq)
+    h, w = z.shape[-2:]
+    gen = torch.Generator().manual_seed(seed)
+    traj = sample_trajectory(policy, pack(z), task, image_ids(h, w), schedule, flow_cfg, generator=gen)
+    return codec.decode(unpack(traj.final, h, w))
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    return sorted(set(starts))
+
+
+def _blend_window(tile: int, overlap: int) -> torch.Tensor:
+    """(tile, tile) weights: linear ramps over the overlap, 1 inside, never 0 (so every pixel is covered)."""
+    ramp = torch.ones(tile)
+    if overlap > 0:
+        edge = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
+        ramp[:overlap], ramp[-overlap:] = edge, edge.flip(0)
+    return ramp[:, None] * ramp[None, :]
+
+
+@torch.no_grad()
+def restore_tiled(policy, codec, lq, task, schedule, flow_cfg, tile: int, overlap: int, seed: int = 0,
+                  batch_size: int = 64) -> torch.Tensor:
+    """Restore images larger than the training crop with overlapping, linearly blended tiles.
+
+    lq (B, 3, H, W) in [0, 1], H and W >= tile; tiles of one image are batched together.
+    """
+    b, _, h, w = lq.shape
+    if h <= tile and w <= tile:
+        return restore(policy, codec, lq, task, schedule, flow_cfg, seed)
+    if h < tile or w < tile:
+        raise ValueError(f"image {h}x{w} is smaller than the tile {tile} in one dimension")
+    boxes = [(y, x) for y in _tile_starts(h, tile, overlap) for x in _tile_starts(w, tile, overlap)]
+    crops = torch.stack([lq[:, :, y:y + tile, x:x + tile] for y, x in boxes], 1).flatten(0, 1)
+    tasks = task.repeat_interleave(len(boxes))
+    outs = torch.cat([restore(policy, codec, crops[i:i + batch_size], tasks[i:i + batch_size], schedule, flow_cfg,
+                              seed + i) for i in range(0, len(crops), batch_size)])
+    outs = outs.view(b, len(boxes), 3, tile, tile)
+    weight = _blend_window(tile, overlap)
+    acc, norm = torch.zeros_like(lq), torch.zeros(1, 1, h, w)
+    for k, (y, x) in enumerate(boxes):
+        acc[:, :, y:y + tile, x:x + tile] += outs[:, k] * weight
+        norm[:, :, y:y + tile, x:x + tile] += weight
+    return acc / norm
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad (B, C, H, W) so H and W are multiples of `multiple`; returns the original size."""
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph), mode="reflect")
+    return images, (h, w)

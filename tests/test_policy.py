@@ -1,0 +1,119 @@
+"""Policy: widened input keeps the output, zero-init x0 residual returns the LQ, LoRA, flux-dev folder path."""
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
+
+from fluxir.codec import image_ids
+from fluxir.config import load_config
+from fluxir.policy import (RestorationPolicy, _tiny_transformer, build_policy, load_policy, save_policy,
+                           widen_input)
+
+
+def _inputs(b=2, hw=8, c=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, (hw // 2) ** 2, c, generator=g), torch.randn(b, (hw // 2) ** 2, c, generator=g),
+            torch.tensor([0.9, 0.3]), torch.tensor([0, 4]), image_ids(hw, hw))
+
+
+def test_widened_transformer_equals_unwidened():
+    cfg = load_config(None)
+    tr = _tiny_transformer(cfg.model, 12)
+    x, lq, t, _, ids = _inputs()
+    kw = dict(encoder_hidden_states=torch.randn(2, 4, 64), pooled_projections=torch.randn(2, 64), timestep=t,
+              img_ids=ids, txt_ids=torch.zeros(4, 3), return_dict=False)
+    ref = tr(hidden_states=x, **kw)[0]
+    widen_input(tr, 12)
+    assert tr.config.in_channels == 24 and tr.x_embedder.in_features == 24
+    out = tr(hidden_states=torch.cat([x, lq], -1), **kw)[0]
+    assert torch.equal(out, ref)
+
+
+def test_fresh_x0_residual_policy_returns_the_lq_exactly():
+    policy = build_policy(load_config(None), 12)
+    x, lq, t, task, ids = _inputs()
+    pred = policy(x, lq, t, task, ids)
+    assert torch.equal(pred.x0_hat, lq)
+    torch.testing.assert_close(pred.velocity, (x - lq) / t.view(-1, 1, 1))
+
+
+def test_velocity_reading_and_tasks_change_the_output():
+    cfg = load_config(None, ["model.parametrization=velocity"])
+    policy = build_policy(cfg, 12)
+    x, lq, t, _, ids = _inputs()
+    a = policy(x, lq, t, torch.tensor([0, 0]), ids).velocity
+    b = policy(x, lq, t, torch.tensor([3, 3]), ids).velocity
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(policy(x, lq, t, torch.tensor([0, 0]), ids).x0_hat, x - t.view(-1, 1, 1) * a)
+
+
+def test_build_is_deterministic_in_the_seed():
+    a = build_policy(load_config(None, ["model.parametrization=velocity"]), 12).trainable_state_dict()
+    b = build_policy(load_config(None, ["model.parametrization=velocity"]), 12).trainable_state_dict()
+    c = build_policy(load_config(None, ["model.parametrization=velocity", "seed=1"]), 12).trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_lora_trains_only_adapters_and_the_widened_input():
+    cfg = load_config(None, ["model.parametrization=velocity", "model.lora.enabled=true", "model.lora.rank=4",
+                             "model.lora.targets=[to_q, to_k, to_v, to_out.0]"])
+    policy = build_policy(cfg, 12)
+    names = list(policy.trainable_state_dict())
+    assert any("lora_A" in n for n in names) and any("x_embedder" in n for n in names)
+    assert all("lora_" in n or "x_embedder" in n or n.startswith("task_") for n in names)
+    assert not any("ff." in n for n in names)
+    base = build_policy(load_config(None, ["model.parametrization=velocity"]), 12)
+    x, lq, t, task, ids = _inputs()
+    # LoRA B starts at zero: the adapted policy equals the base at init
+    torch.testing.assert_close(policy(x, lq, t, task, ids).velocity, base(x, lq, t, task, ids).velocity)
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(None, ["model.parametrization=velocity"])
+    policy = build_policy(cfg, 12)
+    with torch.no_grad():
+        policy.task_pooled.add_(1.0)
+    save_policy(policy, tmp_path, cfg)
+    loaded = load_policy(tmp_path, cfg, 12)
+    x, lq, t, task, ids = _inputs()
+    assert torch.equal(loaded(x, lq, t, task, ids).velocity, policy(x, lq, t, task, ids).velocity)
+
+
+def test_trainable_state_is_checked():
+    policy = build_policy(load_config(None), 12)
+    state = policy.trainable_state_dict()
+    state.pop(next(iter(state)))
+    with pytest.raises(ValueError, match="missing"):
+        policy.load_trainable_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    """A small random FLUX transformer saved in the diffusers layout, plus a prompt cache."""
+    root = tmp_path_factory.mktemp("flux")
+    torch.manual_seed(0)
+    FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
+                           guidance_embeds=True, axes_dims_rope=(4, 6, 6)).save_pretrained(root / "transformer")
+    save_file({"prompt_embeds": torch.randn(7, 5, 32), "pooled_prompt_embeds": torch.randn(7, 24)},
+              str(root / "prompts.safetensors"))
+    return root
+
+
+def test_flux_dev_folder_path(flux_folder):
+    cfg = load_config(None, ["model.preset=flux-dev", f"model.path={flux_folder}", "model.parametrization=velocity",
+                             f"model.prompt_cache={flux_folder / 'prompts.safetensors'}", "model.lora.enabled=true",
+                             "model.lora.rank=2"])
+    policy = build_policy(cfg, 16)
+    assert isinstance(policy, RestorationPolicy)
+    assert not policy.task_tokens.requires_grad  # cached prompts are buffers
+    x, lq, t, task, ids = _inputs(c=16)
+    out = policy(x, lq, t, task, ids)
+    assert out.velocity.shape == x.shape and torch.isfinite(out.velocity).all()
+
+
+def test_flux_dev_missing_folder_names_what_is_missing(tmp_path):
+    cfg = load_config(None, ["model.preset=flux-dev", f"model.path={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="transformer/config.json"):
+        build_policy(cfg, 16)
