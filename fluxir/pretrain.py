@@ -31,7 +31,7 @@ class FlowMatchingRecipe:
     def __init__(self, config: dict | Config):
         self.cfg = config if isinstance(config, Config) else config_from_dict(config)
         self.codec = build_codec(self.cfg)
-        d = self.cfg.data
+        d = self.cfg.data  # data.batch_size here is per rank (actors/pretrain.py splits the global one)
         self.stream = TrainStream(training_images(self.cfg), d.tasks, d.crop, d.batch_size, self.cfg.seed)
 
     def build_model(self):

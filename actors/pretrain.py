@@ -1,0 +1,69 @@
+"""Stage 0 on Ray: the flow-matching recipe in Ray Train workers, each running a DeepSpeed engine."""
+from __future__ import annotations
+
+import sys
+import time
+
+from actors.runtime import init_ray
+from actors.train import load_ds_config, run_training
+
+RECIPE = "fluxir.pretrain:FlowMatchingRecipe"
+
+
+def per_rank_batch(cfg) -> int:
+    workers = cfg.pretrain.num_workers
+    if cfg.data.batch_size % workers:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by pretrain.num_workers {workers}")
+    return cfg.data.batch_size // workers
+
+
+def deepspeed_config(cfg) -> dict:
+    """The JSON named by pretrain.deepspeed, with batch, ZeRO stage, optimizer and LR schedule from the config."""
+    p = cfg.pretrain
+    micro = per_rank_batch(cfg)
+    return load_ds_config(p.deepspeed, {
+        "train_micro_batch_size_per_gpu": micro,
+        "train_batch_size": micro * p.num_workers,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": p.zero_stage},
+        "optimizer": {"params": {"lr": p.lr, "weight_decay": p.weight_decay}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": p.steps, "warmup_num_steps": min(p.warmup_steps, p.steps - 1),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.02, "warmup_type": "linear"}},
+    })
+
+
+def recipe_config(cfg) -> dict:
+    """The config the workers rebuild the recipe from; the stream's batch is per rank."""
+    tree = cfg.model_dump(mode="json")
+    tree["data"]["batch_size"] = per_rank_batch(cfg)
+    return tree
+
+
+def run_pretrain(cfg, show_progress: bool = True, resume: bool = True) -> dict:
+    """Train (or resume) the stage-0 policy; returns {"model_dir", "seconds", "metrics"}."""
+    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.pretrain.steps, desc="pretrain", unit="step", file=sys.stdout)
+
+    def progress(metrics: dict) -> None:
+        if bar is not None and "step" in metrics:
+            bar.n = int(metrics["step"])
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}",
+                            x0_psnr=f"{metrics.get('x0_psnr', float('nan')):.1f}")
+            bar.refresh()
+
+    start = time.perf_counter()
+    try:
+        out = run_training(RECIPE, recipe_config(cfg), run_dir=str(cfg.run_dir), name="pretrain",
+                           steps=cfg.pretrain.steps, num_workers=cfg.pretrain.num_workers,
+                           ds_config=deepspeed_config(cfg), checkpoint_every=cfg.pretrain.checkpoint_every,
+                           keep_checkpoints=cfg.pretrain.keep_checkpoints, resume=resume,
+                           log_every=cfg.pretrain.log_every, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"model_dir": out["model_dir"], "seconds": time.perf_counter() - start, "metrics": out["metrics"]}
