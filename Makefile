@@ -21,8 +21,8 @@ run: install
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-slow: install
-	$(PY) -m pytest -q -m slow tests
+test-slow: install  # exit 5 (no slow test collected) is not a failure
+	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 
 clean:
 	rm -rf runs .pytest_cache

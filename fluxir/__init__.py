@@ -1,0 +1,1 @@
+"""fluxir: flow-model image restoration (degradations, data, models, training)."""
