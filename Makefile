@@ -13,6 +13,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade-strategy only-if-needed -c constraints.txt -e '.[dev]'
+	# DeepSpeed compiles its CPU shared-memory collective op on first use (~2 min): do it once, here.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 run: install

@@ -143,7 +143,9 @@ class EvalConfig(Strict):
 class RayConfig(Strict):
     address: str | None = None  # None: a local instance bound to 127.0.0.1
     num_cpus: int | None = None
-    dashboard: bool = False
+    # On (bound to 127.0.0.1): users watch runs there, and Ray Train's placement-group cleaner
+    # polls the State API the dashboard serves (without it, it logs a warning every second).
+    dashboard: bool = True
 
 
 class WandbConfig(Strict):

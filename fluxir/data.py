@@ -363,8 +363,9 @@ def textured_crops(image: Tensor, size: int, count: int, stride: int | None = No
     return chosen
 
 
-def _save_png(image: Tensor, path: Path) -> None:
-    """Write `(3, H, W)` in [0, 1] as an 8-bit RGB PNG."""
+def save_image(image: Tensor, path: str | Path) -> None:
+    """Write `(3, H, W)` in [0, 1] as an 8-bit RGB image (format from the suffix, e.g. PNG)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     Image.fromarray(array).save(path)
@@ -391,8 +392,8 @@ def _build_testset(folder: Path, spec: dict) -> dict:
         seeds = torch.tensor([_mix(spec["seed"], task_id(t), i) for i in range(len(names))], dtype=torch.int64)
         lq = degrade(t, gt, seeds)
         for i, name in enumerate(names):
-            _save_png(gt[i], folder / t / "GT" / name)
-            _save_png(lq[i], folder / t / "LQ" / name)
+            save_image(gt[i], folder / t / "GT" / name)
+            save_image(lq[i], folder / t / "LQ" / name)
             pairs.append({"task": t, "name": name, "source": sources[i], "box": boxes[i],
                           "seed": int(seeds[i]), "lq": f"{t}/LQ/{name}", "gt": f"{t}/GT/{name}"})
     return {"format_version": TESTSET_FORMAT, "spec": spec, "pairs": pairs}

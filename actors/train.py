@@ -1,0 +1,359 @@
+"""Runs a fluxir Recipe data-parallel on Ray Train (V2 API) with a DeepSpeed engine per worker.
+
+Checkpoints are DeepSpeed checkpoints (each rank writes its own shards) reported through Ray Train,
+which merges the ranks' directories into one; a rerun with the same run_dir/name resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+
+from actors.runtime import worker_env_vars
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "fluxir_state.json"
+PROGRESS_POLL_S = 0.5
+ON_ANOTHER_RANK = "on another rank"
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+
+
+def _deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_ds_config(source: dict | str | os.PathLike, overrides: dict | None = None) -> dict:
+    """A DeepSpeed config from a dict or JSON path, deep-merged with ``overrides``.
+
+    E.g. ``load_ds_config("configs/deepspeed/zero2_cpu.json", {"optimizer": {"params": {"lr": 3e-4}}})``.
+    """
+    config = dict(source) if isinstance(source, dict) else json.loads(Path(source).read_text())
+    config = _deep_merge(config, overrides or {})
+    if config.get("train_batch_size") == "auto":
+        del config["train_batch_size"]  # derived by DeepSpeed from micro batch x accumulation x world
+    if config.get("gradient_accumulation_steps", 1) != 1:
+        raise ValueError("run_training does one optimizer step per recipe batch: gradient_accumulation_steps must be 1")
+    return config
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _import_deepspeed():
+    """Import DeepSpeed, on its CPU accelerator when this worker has no GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def _build_engine(recipe, ds_config: dict):
+    import torch.distributed as dist
+
+    deepspeed = _import_deepspeed()
+    # Ray Train already created the (gloo) process group; DeepSpeed wraps it instead of making one.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    model = recipe.build_model()
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=recipe.trainable_parameters(model),
+        config=ds_config,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def _engine_facts(engine) -> dict[str, Any]:
+    """Which accelerator and collective backend DeepSpeed really ended up on (reported once per log line)."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    return {"accelerator": get_accelerator().device_name(), "dist_backend": str(dist.get_backend()),
+            "zero_stage": engine.zero_optimization_stage()}
+
+
+def _restore(engine) -> int:
+    """Load Ray Train's latest checkpoint into the engine; return the step to continue from."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        load_path, _ = engine.load_checkpoint(directory, tag=state["tag"])
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint tag {state['tag']!r} in {checkpoint.path}")
+    log.info("resumed from %s at step %d", checkpoint.path, state["step"])
+    return int(state["step"])
+
+
+def _report_checkpoint(engine, step: int, metrics: dict) -> None:
+    """Every rank saves its DeepSpeed shards locally; Ray Train merges the ranks into one checkpoint."""
+    tag = f"step{step:08d}"
+    with tempfile.TemporaryDirectory(prefix="fluxir-ckpt-") as directory:
+        engine.save_checkpoint(directory, tag=tag)
+        if ray.train.get_context().get_world_rank() == 0:
+            (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "tag": tag}))
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint_{step:08d}",
+        )
+
+
+def _report(engine, step: int, metrics: dict, is_checkpoint: bool) -> None:
+    """Metrics only on log steps; DeepSpeed checkpoint plus metrics on checkpoint steps."""
+    if is_checkpoint:
+        _report_checkpoint(engine, step, metrics)
+    else:
+        ray.train.report(metrics)
+
+
+def _global_loss(loss, step: int, logs: dict[str, float]) -> float:
+    """Mean loss over ranks; raises on any rank's NaN/inf so that no rank steps on it."""
+    import torch
+    import torch.distributed as dist
+
+    total = loss.detach().float().reshape(1).clone()
+    dist.all_reduce(total)
+    if not torch.isfinite(loss.detach()).all():
+        raise RuntimeError(f"non-finite loss (NaN/inf) at step {step}: loss={loss.item()} logs={logs}")
+    if not torch.isfinite(total).all():
+        raise RuntimeError(f"non-finite loss (NaN/inf) at step {step} {ON_ANOTHER_RANK} (summed loss={total.item()})")
+    return total.item() / dist.get_world_size()
+
+
+def train_worker(cfg: dict[str, Any]) -> None:
+    """The Ray Train loop: one recipe batch, one DeepSpeed step; the step is the data cursor."""
+    import torch
+
+    from fluxir.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    recipe = load_recipe(cfg["recipe_path"], cfg["config"])
+    engine = _build_engine(recipe, cfg["ds_config"])
+    start = step = _restore(engine)
+    base = {"start_step": start, "engine_startup_s": time.perf_counter() - started, **_engine_facts(engine)}
+    window_start, window_steps = time.perf_counter(), 0
+    while step < cfg["steps"]:
+        batch = recipe.batch(step, rank, world)
+        loss, logs = recipe.loss(engine, batch)
+        mean_loss = _global_loss(loss, step, logs)
+        engine.backward(loss)
+        engine.step()
+        step, window_steps = step + 1, window_steps + 1
+        is_checkpoint = step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]
+        if is_checkpoint or step % cfg["log_every"] == 0:
+            rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
+            metrics = {**base, **logs, "loss": mean_loss, "step": step, "steps_per_s": rate}
+            _report(engine, step, metrics, is_checkpoint)
+            window_start, window_steps = time.perf_counter(), 0
+    if start >= cfg["steps"]:
+        if start > cfg["steps"]:
+            log.warning("checkpoint is at step %d, past steps=%d: saving it as is", start, cfg["steps"])
+        ray.train.report({**base, "step": step})  # nothing left to train: keep the last checkpoint
+    _save_model(recipe, engine, rank, cfg["model_dir"])
+
+
+def _save_model(recipe, engine, rank: int, directory: str) -> None:
+    """Rank 0 hands the unwrapped module to the recipe; under ZeRO-3 all ranks first gather it."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if rank == 0:
+                recipe.save_model(engine.module, directory)
+    elif rank == 0:
+        recipe.save_model(engine.module, directory)
+
+
+# ---------------------------------------------------------------- driver side
+
+
+@ray.remote(num_cpus=0)
+class _MetricsInbox:
+    """Holds metrics reported by the Train controller until the driver picks them up."""
+
+    def __init__(self):
+        self._items: list[dict] = []
+
+    def push(self, metrics: dict) -> None:
+        self._items.append(metrics)
+
+    def drain(self) -> list[dict]:
+        items, self._items = self._items, []
+        return items
+
+
+class _ForwardMetrics(UserCallback):
+    """Runs in the Train controller actor: forwards rank 0's reported metrics to the inbox."""
+
+    def __init__(self, inbox):
+        self._inbox = inbox
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics:
+            # Waited on so that every report is in the inbox before the run can end (~1 ms each).
+            try:
+                ray.get(self._inbox.push.remote(dict(metrics[0])), timeout=30)
+            except Exception:  # progress is best effort; never fail the run over it
+                log.warning("could not forward metrics to the driver", exc_info=True)
+
+
+class _ProgressPump:
+    """Calls ``progress`` on the driver (from a helper thread) with each reported metrics dict."""
+
+    def __init__(self, progress: Callable[[dict], None]):
+        self._progress = progress
+        self.inbox = _MetricsInbox.remote()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fluxir-progress", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self._deliver()  # whatever arrived after the last poll
+        ray.kill(self.inbox)
+
+    def _run(self):
+        while not self._done.wait(PROGRESS_POLL_S):
+            self._deliver()
+
+    def _deliver(self):
+        for metrics in ray.get(self.inbox.drain.remote()):
+            try:
+                self._progress(metrics)
+            except Exception:  # a broken progress bar must not kill the run
+                log.exception("progress callback failed")
+
+
+def _root_cause(error: Exception) -> str:
+    """The workers' own error messages out of Ray Train's wrapper."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        messages = dict.fromkeys(_message(exc) for _, exc in sorted(failures.items()))
+        return "\n".join(sorted(messages, key=lambda m: ON_ANOTHER_RANK in m))  # the culprit rank first
+    controller_failure = getattr(error, "controller_failure", None)
+    return _message(controller_failure) if controller_failure else str(error)
+
+
+def _message(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None) or exc.__cause__ or exc
+    return f"{type(cause).__name__}: {cause}"
+
+
+def _set_aside(run_path: Path) -> None:
+    """resume=False on an existing run: keep the old run, renamed, so that Ray Train starts fresh."""
+    if run_path.exists():
+        aside = run_path.with_name(f"{run_path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("resume=False: moving existing run %s to %s", run_path, aside)
+        run_path.rename(aside)
+
+
+def run_training(
+    recipe_path: str,
+    config: dict,
+    *,
+    run_dir: str,
+    name: str,
+    steps: int,
+    num_workers: int,
+    ds_config: dict | str,
+    checkpoint_every: int,
+    keep_checkpoints: int,
+    resume: bool = True,
+    log_every: int = 10,
+    progress: Callable[[dict], None] | None = None,
+    max_failures: int = 0,
+) -> dict:
+    """Train ``recipe_path`` (``"module:Class"`` built with ``config``) for ``steps`` DeepSpeed steps.
+
+    With ``resume`` a run already in ``run_dir/name`` continues from its latest checkpoint
+    (Ray Train V2 restores it from the run's storage by itself). Returns the final metrics, the
+    latest checkpoint path, the directory ``save_model`` wrote to and the wall seconds.
+    Needs Ray initialised (see ``actors.runtime.init_ray``).
+    """
+    if checkpoint_every < 1 or log_every < 1 or steps < 1:
+        raise ValueError("steps, checkpoint_every and log_every must be >= 1")
+    storage = Path(run_dir).resolve()
+    run_path = storage / name
+    if not resume:
+        _set_aside(run_path)
+    model_dir = run_path / "model"
+    cfg = {
+        "recipe_path": recipe_path,
+        "config": config,
+        "ds_config": load_ds_config(ds_config),
+        "steps": steps,
+        "checkpoint_every": checkpoint_every,
+        "log_every": log_every,
+        "model_dir": str(model_dir),
+    }
+    pump = _ProgressPump(progress) if progress else None
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=cfg,
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            storage_path=str(storage),
+            name=name,
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=[_ForwardMetrics(pump.inbox)] if pump else None,
+            worker_runtime_env={"env_vars": {**worker_env_vars(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}},
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    started = time.perf_counter()
+    try:
+        if pump:
+            with pump:
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise RuntimeError(f"training run {name!r} failed: {_root_cause(error)}") from error
+    wall_s = time.perf_counter() - started
+    metrics = dict(result.metrics or {})
+    log.info("run %s finished at step %s in %.1fs", name, metrics.get("step"), wall_s)
+    return {
+        "metrics": metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "model_dir": str(model_dir),
+        "wall_s": wall_s,
+    }
