@@ -150,12 +150,22 @@ def _global_loss(loss, step: int, logs: dict[str, float]) -> float:
     return total.item() / dist.get_world_size()
 
 
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs every report at INFO on a logger named by its file path; keep progress readable."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # layout of a future Ray
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(cfg: dict[str, Any]) -> None:
     """The Ray Train loop: one recipe batch, one DeepSpeed step; the step is the data cursor."""
     import torch
 
     from fluxir.recipe import load_recipe
 
+    _quiet_report_log()
     torch.set_num_threads(1)
     started = time.perf_counter()
     context = ray.train.get_context()
