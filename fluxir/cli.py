@@ -111,9 +111,18 @@ def cmd_testset(args) -> int:
     return 0
 
 
+def _win_line(result: dict, nfe: int) -> str:
+    from fluxir.report import wins
+
+    won = wins(result, nfe)
+    lost = [t for t in result["tasks"] if t not in won]
+    return (f"- NFE {nfe}: beats the LQ input in PSNR on {len(won)}/{len(result['tasks'])} tasks"
+            + (f" (not on {', '.join(lost)})" if lost else ""))
+
+
 def cmd_run(args) -> int:
     """The whole pipeline so far: test set, stage-0 pretraining, evaluation, report."""
-    from fluxir.report import eval_section, wins, write_grids, write_json, write_report
+    from fluxir.report import eval_section, write_grids, write_json, write_report
     from actors.pretrain import run_pretrain
 
     cfg = _config(args)
@@ -131,13 +140,9 @@ def cmd_run(args) -> int:
     summary = [f"# fluxir run `{cfg.name}`",
                f"Stage 0: {cfg.pretrain.steps} steps, {trained['seconds']:.0f} s on {cfg.pretrain.num_workers} "
                f"Ray Train workers (DeepSpeed ZeRO-{cfg.pretrain.zero_stage}). Whole run: "
-               f"{time.perf_counter() - start:.0f} s."]
-    for n in result["nfe"]:
-        won = wins(result, n)
-        summary.append(f"- NFE {n}: beats the LQ input in PSNR on {len(won)}/{len(result['tasks'])} tasks"
-                       + ("" if len(won) == len(result["tasks"]) else
-                          f" (not on {', '.join(t for t in result['tasks'] if t not in won)})"))
-    summary.append("(`sr`'s LQ input is bicubic ×4 upsampling, so its column is the bicubic baseline.)")
+               f"{time.perf_counter() - start:.0f} s.",
+               "\n".join(_win_line(result, n) for n in result["nfe"]),
+               "(`sr`'s LQ input is bicubic ×4 upsampling, so its column is the bicubic baseline.)"]
     images = "## Before / after\n\n" + "\n\n".join(f"### {t}\n\n![{t}]({p})" for t, p in grids.items())
     report = write_report(run_dir, ["\n\n".join(summary),
                                     eval_section("Stage-0 base on the frozen test set", result, command), images])

@@ -64,14 +64,17 @@ def test_run_writes_report_table_and_grids(smoke_run):
     assert (run_dir / "pretrain" / "model" / "policy.safetensors").is_file()
 
 
-def test_pretrain_resumes_a_finished_run(smoke_run):
+def test_pretrain_resumes_from_the_last_checkpoint(smoke_run):
+    """Asking the finished 6-step run for 8 steps continues at step 6 from its DeepSpeed checkpoint."""
     from actors.pretrain import run_pretrain
     from fluxir.config import load_config
 
     run_dir, args = smoke_run
-    cfg = load_config(args[1], args[2:])
+    cfg = load_config(args[1], args[2:] + ["pretrain.steps=8"])
     out = run_pretrain(cfg, show_progress=False)
-    assert out["metrics"]["start_step"] == cfg.pretrain.steps  # nothing re-trained
+    assert (out["metrics"]["start_step"], out["metrics"]["step"]) == (6, 8)
+    assert sorted(p.name for p in (run_dir / "pretrain").glob("checkpoint_0*")) == [
+        "checkpoint_00000006", "checkpoint_00000008"]  # keep_checkpoints = 2
 
 
 def test_restore_one_image(smoke_run, tmp_path, capsys):
