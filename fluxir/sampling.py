@@ -99,6 +99,8 @@ def restore_tiled(policy, codec, lq, task, schedule, flow_cfg, tile: int, overla
     lq (B, 3, H, W) in [0, 1], H and W >= tile; tiles of one image are batched together.
     """
     b, _, h, w = lq.shape
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must be in [0, tile={tile})")
     if h <= tile and w <= tile:
         return restore(policy, codec, lq, task, schedule, flow_cfg, seed)
     if h < tile or w < tile:

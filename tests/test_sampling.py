@@ -59,9 +59,9 @@ def test_fresh_x0_residual_policy_restores_to_the_lq_at_any_size():
     policy = build_policy(cfg, 12).eval()
     lq = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
     task = torch.tensor([0, 5])
-    for nfe in (1, 3):
+    for nfe, overlap in ((1, 4), (3, 4), (1, 9)):  # an odd stride interleaves the tiles' token grids
         sched = flow.uniform_schedule(nfe)
-        out = restore_tiled(policy, PixelCodec(), lq, task, sched, cfg.flow, tile=16, overlap=4)
+        out = restore_tiled(policy, PixelCodec(), lq, task, sched, cfg.flow, tile=16, overlap=overlap)
         torch.testing.assert_close(out, lq, rtol=0, atol=1e-6)
     torch.testing.assert_close(restore(policy, PixelCodec(), lq[:, :, :16, :16], task, sched, cfg.flow),
                                lq[:, :, :16, :16], rtol=0, atol=1e-6)
@@ -72,6 +72,8 @@ def test_tiles_cover_and_weights_blend(cfg, policy):
     with pytest.raises(ValueError, match="smaller than the tile"):
         restore_tiled(policy, PixelCodec(), torch.rand(1, 3, 8, 40), torch.tensor([0]), [1.0, 0.0], cfg.flow,
                       tile=16, overlap=4)
+    with pytest.raises(ValueError, match="overlap"):
+        restore_tiled(policy, PixelCodec(), lq, torch.tensor([0]), [1.0, 0.0], cfg.flow, tile=16, overlap=16)
     out = restore_tiled(policy, PixelCodec(), lq, torch.tensor([0]), [1.0, 0.0], cfg.flow, tile=16, overlap=4)
     assert out.shape == lq.shape and torch.isfinite(out).all()
 
