@@ -28,7 +28,7 @@ def _pin_to_loopback() -> None:
     """Make a local Ray really stay on 127.0.0.1.
 
     Ray (2.60) rewrites ``_node_ip_address="127.0.0.1"`` to the routable IP and binds its gRPC
-    servers to 0.0.0.0 unless it runs in its single-machine mode, which is keyed to this env var
+    servers to all interfaces unless it runs in its single-machine mode, which is keyed to this env var
     (default-on only on macOS/Windows). The env var reaches GCS, raylet, agents and workers; the
     constant is patched because ``ray`` may already be imported in this process.
     """
