@@ -183,7 +183,8 @@ def find_lpips_backbone() -> Path:
     looked = ", ".join(str(p) for p in sources)
     raise LPIPSUnavailable(
         f"LPIPS AlexNet backbone weights not found; looked for: {looked}. LPIPS is not computed with "
-        "random weights and fluxir never downloads them implicitly; run `fluxir weights lpips` to fetch them."
+        "random weights and fluxir never downloads them implicitly. Copy torchvision's AlexNet checkpoint to "
+        "the first path (a `fluxir weights lpips` command that converts a published copy is planned)."
     )
 
 
