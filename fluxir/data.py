@@ -260,7 +260,7 @@ class PairedFolderSource:
 # ---------------------------------------------------------------- training stream
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """Deterministic 63-bit hash of integers (splitmix64 finaliser, chained)."""
     mask = (1 << 64) - 1
     z = 0x9E3779B97F4A7C15
@@ -305,7 +305,7 @@ class TrainStream:
 
     def sample(self, index: int) -> tuple[Tensor, int, int]:
         """Global sample `index` -> (GT crop `(3, crop, crop)`, task id, degradation seed)."""
-        g = torch.Generator().manual_seed(_mix(self.seed, index))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, index))
         _, image = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
         h, w = image.shape[-2:]
         top = int(torch.randint(h - self.crop + 1, (1,), generator=g))
@@ -389,7 +389,7 @@ def _build_testset(folder: Path, spec: dict) -> dict:
             boxes.append([top, left, crop, crop])
     gt = torch.stack(gts).contiguous()
     for t in spec["tasks"]:
-        seeds = torch.tensor([_mix(spec["seed"], task_id(t), i) for i in range(len(names))], dtype=torch.int64)
+        seeds = torch.tensor([mix_seed(spec["seed"], task_id(t), i) for i in range(len(names))], dtype=torch.int64)
         lq = degrade(t, gt, seeds)
         for i, name in enumerate(names):
             save_image(gt[i], folder / t / "GT" / name)

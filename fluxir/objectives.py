@@ -1,8 +1,6 @@
 """Training objectives on packed tokens: stage-0 flow matching (later: the RL losses `rsr` and `grpo`)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fluxir.policy import Prediction
@@ -48,12 +46,3 @@ def sample_times(batch: int, t_start: float, at_start_fraction: float, generator
     at_start = torch.rand(batch, generator=generator) < at_start_fraction
     t = t_start * (1 - u * (1 - 1e-3))
     return torch.where(at_start, torch.full_like(t, t_start), t)
-
-
-def seed_for(*parts: int) -> int:
-    """A stable 63-bit seed from integers (step, rank, ...), independent of Python's hash salt."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
-

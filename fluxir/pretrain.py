@@ -9,8 +9,8 @@ import torch
 from fluxir import flow
 from fluxir.codec import build_codec, image_ids, pack
 from fluxir.config import Config, config_from_dict
-from fluxir.data import TrainStream, bundled_images, ImageFolderSource
-from fluxir.objectives import flow_matching_loss, per_sample_mse, psnr_from_mse, sample_times, seed_for
+from fluxir.data import ImageFolderSource, TrainStream, bundled_images, mix_seed
+from fluxir.objectives import flow_matching_loss, per_sample_mse, psnr_from_mse, sample_times
 from fluxir.policy import build_policy, save_policy
 from fluxir.sampling import source_mean
 
@@ -42,7 +42,7 @@ class FlowMatchingRecipe:
 
     def batch(self, step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
         b = self.stream.batch(step, rank, world_size)
-        gen = torch.Generator().manual_seed(seed_for(self.cfg.seed, step, rank, 7))
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, step, rank, 7))
         n = b["gt"].shape[0]
         b["t"] = sample_times(n, self.cfg.flow.t_start, self.cfg.pretrain.t_start_fraction, gen)
         lat = self.codec.latent_channels
