@@ -12,7 +12,7 @@ from fluxir.config import Config, config_from_dict
 from fluxir.data import ImageFolderSource, TrainStream, bundled_images, mix_seed
 from fluxir.objectives import flow_matching_loss, per_sample_mse, psnr_from_mse, sample_times
 from fluxir.policy import build_policy, save_policy
-from fluxir.sampling import source_mean
+from fluxir.sampling import source_mean, source_sigma
 
 
 def training_images(cfg: Config) -> list[tuple[str, torch.Tensor]]:
@@ -54,8 +54,7 @@ class FlowMatchingRecipe:
         x0_img, lq_img = self.codec.encode(batch["gt"]), self.codec.encode(batch["lq"])
         h, w = x0_img.shape[-2:]
         x0, lq = pack(x0_img), pack(lq_img)
-        sigma = self.cfg.flow.sigma_src if self.cfg.flow.source == "lq" else 1.0
-        x1 = source_mean(lq, self.cfg.flow.source) + sigma * pack(batch["noise"])
+        x1 = source_mean(lq, self.cfg.flow.source) + source_sigma(self.cfg.flow) * pack(batch["noise"])
         x_t = flow.interpolate(x0, x1, batch["t"])
         pred = model(x_t, lq, batch["t"], batch["task"], image_ids(h, w))
         loss = flow_matching_loss(pred, x0, x1, self.cfg.model.parametrization, self.cfg.pretrain.loss)

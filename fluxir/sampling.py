@@ -31,10 +31,14 @@ def source_mean(lq_tokens: torch.Tensor, source: str) -> torch.Tensor:
     return lq_tokens if source == "lq" else torch.zeros_like(lq_tokens)
 
 
+def source_sigma(flow_cfg) -> float:
+    """σ of the source x1 = μ + σ·ε: σ_src around the LQ (`lq`) or 1 (`gaussian`)."""
+    return flow_cfg.sigma_src if flow_cfg.source == "lq" else 1.0
+
+
 def initial_state(lq_tokens, flow_cfg, generator=None) -> torch.Tensor:
     """x at t_start: μ + σ·ε at t = 1; part-way (t_start < 1, lq source) the LQ stands in for x0."""
-    mu = source_mean(lq_tokens, flow_cfg.source)
-    sigma = flow_cfg.sigma_src if flow_cfg.source == "lq" else 1.0
+    mu, sigma = source_mean(lq_tokens, flow_cfg.source), source_sigma(flow_cfg)
     eps = torch.randn(lq_tokens.shape, generator=generator, dtype=lq_tokens.dtype)
     return flow.interpolate(mu, mu + sigma * eps, flow_cfg.t_start)
 
@@ -46,8 +50,7 @@ def sample_trajectory(policy, lq_tokens, task, img_ids, schedule, flow_cfg, x_st
     lq_tokens (B, N, C); task (B,) int64; img_ids (N, 3). Without a stochastic step this is the ODE.
     """
     schedule = flow.check_schedule(schedule)
-    mu = source_mean(lq_tokens, flow_cfg.source)
-    sigma = flow_cfg.sigma_src if flow_cfg.source == "lq" else 1.0
+    mu, sigma = source_mean(lq_tokens, flow_cfg.source), source_sigma(flow_cfg)
     x = initial_state(lq_tokens, flow_cfg, generator) if x_start is None else x_start
     traj = Trajectory(schedule, [x])
     for i, (t, s) in enumerate(zip(schedule, schedule[1:])):
