@@ -122,6 +122,38 @@ def cmd_weights(args) -> int:
     return 0
 
 
+def _stage1(cfg: Config, command: str, base_eval: dict | None = None) -> tuple[str, dict]:
+    """Run stage 1 (with its controls when rl.controls) and evaluate every policy against the base.
+
+    Returns (report section, evals); evals["rl"] keeps its restored images (for the grids).
+    """
+    from actors.stages import run_rl_stage
+    from fluxir.report import rl_section, write_gap_plot, write_json
+    from fluxir.rl import init_dir
+
+    runs = run_rl_stage(cfg)
+    evals = {"base": base_eval or _evaluate(cfg, init_dir(cfg), None, keep_images=False)[0]}
+    for stage, run in runs.items():
+        evals[stage] = _evaluate(cfg, Path(run["model_dir"]), None, keep_images=stage == "rl")[0]
+    plot = write_gap_plot(cfg.run_dir / "rl_gap.png", {s: r["history"] for s, r in runs.items()})
+    slim = {k: {key: v for key, v in e.items() if key != "images"} for k, e in evals.items()}
+    write_json(cfg.run_dir / "rl_eval.json", {"evals": slim, "runs": {s: {k: v for k, v in r.items() if k != "history"}
+                                                                      for s, r in runs.items()}})
+    return rl_section(slim, runs, command, plot.name), evals
+
+
+def cmd_rl(args) -> int:
+    from fluxir.report import write_report
+
+    cfg = _config(args)
+    command = "fluxir rl " + " ".join([args.config, *args.overrides])
+    section, _ = _stage1(cfg, command)
+    report = write_report(cfg.run_dir, [section], name="rl_report.md")
+    print(section)
+    print(f"report: {report}")
+    return 0
+
+
 def _win_line(result: dict, nfe: int) -> str:
     from fluxir.report import wins
 
@@ -132,7 +164,7 @@ def _win_line(result: dict, nfe: int) -> str:
 
 
 def cmd_run(args) -> int:
-    """The whole pipeline so far: test set, stage-0 pretraining, evaluation, report."""
+    """The whole pipeline so far: test set, stage 0 (pretraining), stage 1 (RL + controls), evaluation, report."""
     from fluxir.report import eval_section, write_grids, write_json, write_report
     from actors.pretrain import run_pretrain
 
@@ -141,24 +173,28 @@ def cmd_run(args) -> int:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    print(f"[1/3] stage 0: pretraining the {cfg.model.preset} policy ({cfg.pretrain.steps} steps)")
-    trained = run_pretrain(cfg)
-    print(f"[2/3] evaluating on the frozen test set at NFE {cfg.eval.nfe}")
-    result, testset = _evaluate(cfg, Path(trained["model_dir"]), None, keep_images=True)
-    print("[3/3] writing the report")
-    grids = write_grids(run_dir, testset, result, cfg.eval.grid_samples)
     command = "fluxir run " + " ".join([args.config, *args.overrides])
+    print(f"[1/4] stage 0: pretraining the {cfg.model.preset} policy ({cfg.pretrain.steps} steps)")
+    trained = run_pretrain(cfg)
+    print(f"[2/4] evaluating the stage-0 base on the frozen test set at NFE {cfg.eval.nfe}")
+    base, testset = _evaluate(cfg, Path(trained["model_dir"]), None, keep_images=False)
+    controls = " with its equal-time control and K=1 ablation" if cfg.rl.controls else ""
+    print(f"[3/4] stage 1: RL ({cfg.rl.objective}, {cfg.rl.iterations} iterations){controls}")
+    rl_text, evals = _stage1(cfg, command, base_eval=base)
+    final = evals["rl"]
+    print("[4/4] writing the report")
+    grids = write_grids(run_dir, testset, final, cfg.eval.grid_samples)
     summary = [f"# fluxir run `{cfg.name}`",
                f"Stage 0: {cfg.pretrain.steps} steps, {trained['seconds']:.0f} s on {cfg.pretrain.num_workers} "
                f"Ray Train workers (DeepSpeed ZeRO-{cfg.pretrain.zero_stage}). Whole run: "
                f"{time.perf_counter() - start:.0f} s.",
-               "\n".join(_win_line(result, n) for n in result["nfe"]),
+               "Final (RL) policy:\n" + "\n".join(_win_line(final, n) for n in final["nfe"]),
                "(`sr`'s LQ input is bicubic ×4 upsampling, so its column is the bicubic baseline.)"]
-    images = "## Before / after\n\n" + "\n\n".join(f"### {t}\n\n![{t}]({p})" for t, p in grids.items())
-    report = write_report(run_dir, ["\n\n".join(summary),
-                                    eval_section("Stage-0 base on the frozen test set", result, command), images])
-    result.pop("images")
-    write_json(run_dir / "eval.json", result)
+    images = "## Before / after (final policy)\n\n" + "\n\n".join(f"### {t}\n\n![{t}]({p})" for t, p in grids.items())
+    report = write_report(run_dir, ["\n\n".join(summary), rl_text,
+                                    eval_section("Stage-0 base on the frozen test set", base, command), images])
+    final.pop("images")
+    write_json(run_dir / "eval.json", final)
     print(report.read_text().split("## Before")[0])
     print(f"report: {report}")
     return 0
@@ -176,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="stage 0: flow-matching training on Ray Train + DeepSpeed")
     _add_config(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("rl", help="stage 1: RL on Ray (rollout actors, reward workers, DeepSpeed learners)")
+    _add_config(p)
+    p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("eval", help="per-task PSNR/SSIM(/LPIPS) on the frozen test set")
     _add_config(p)

@@ -140,6 +140,73 @@ class EvalConfig(Strict):
         return v
 
 
+class RewardConfig(Strict):
+    """reward = psnr·PSNR(dB) + ssim·SSIM − lpips·LPIPS, per candidate against GT (DESIGN.md §6).
+
+    Scale guide: 1 dB PSNR ~ 0.02 SSIM ~ 0.01 LPIPS on the tiny test crops.
+    """
+    psnr: float = Field(1.0, ge=0)
+    ssim: float = Field(0.0, ge=0)
+    lpips: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardConfig":
+        if self.psnr == self.ssim == self.lpips == 0:
+            raise ValueError("at least one reward weight must be positive")
+        return self
+
+
+class RLConfig(Strict):
+    """Stage 1: rollout actors, reward workers and a DeepSpeed learner group on Ray (DESIGN.md §6)."""
+    objective: Literal["rsr", "grpo", "fm"] = "rsr"  # fm: plain flow matching (the equal-time control)
+    init: str | None = None  # policy folder to start from (default: <run>/pretrain/model)
+    iterations: int = Field(100, ge=1)
+    max_seconds: float | None = Field(None, gt=0)  # also stop after this much loop wall-clock
+    batch_size: int = Field(16, ge=1)  # inputs per iteration
+    candidates: int = Field(4, ge=1)  # K per input: the ODE trajectory + K-1 modulated ones
+    nfe: int = Field(4, ge=1)
+    schedule: Literal["uniform", "shifted"] = "uniform"
+    shift: float = Field(1.0, gt=0)
+    rho: float = Field(1.0, ge=0, le=1)
+    stochastic_steps: list[int] | None = None  # step indices explored (default: all but the last)
+    keep_states: list[int] | None = None  # schedule indices stored per trajectory (default: all)
+    margin: float = Field(0.0, ge=0)  # rsr: best must beat the ODE candidate's reward by this
+    step_weight: float = Field(1.0, ge=0)  # rsr: next-state regression (velocity units)
+    x0_weight: float = Field(1.0, ge=0)  # rsr: x0_hat -> GT
+    fm_weight: float = Field(0.5, ge=0)  # flow-matching anchor (rsr, grpo; the whole loss for fm)
+    clip: float = Field(0.2, gt=0)  # grpo: PPO ratio clip
+    kl_weight: float = Field(0.0, ge=0)  # grpo: KL to the adapter-disabled reference (needs LoRA)
+    reward: RewardConfig = RewardConfig()
+    lr: float = Field(2e-4, gt=0)
+    deepspeed: str = "configs/deepspeed/zero2_cpu.json"
+    zero_stage: int = Field(2, ge=0, le=3)
+    num_rollout_actors: int = Field(2, ge=1)
+    num_reward_workers: int = Field(1, ge=1)
+    num_learners: int = Field(2, ge=1)
+    # Ray resources per actor (logical; fractions let all roles share a laptop's cores: the phases of
+    # an iteration run one after another). On a cluster: e.g. {"CPU": 4, "GPU": 1} per learner.
+    rollout_resources: dict[str, float] = {"CPU": 0.4}
+    reward_resources: dict[str, float] = {"CPU": 0.2}
+    learner_resources: dict[str, float] = {"CPU": 0.5}
+    max_staleness: int = Field(0, ge=0)  # policy versions a rollout may lag the learner
+    max_restarts: int = Field(3, ge=0)  # rollout / reward actors
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    write_rollouts: bool = False  # Parquet per iteration under <run>/<stage>/rollouts
+    controls: bool = False  # `fluxir run`: also the equal-time control (fm) and K=1 ablation
+
+    @model_validator(mode="after")
+    def _check(self) -> "RLConfig":
+        steps = self.stochastic_steps or []
+        if any(not 0 <= i < self.nfe for i in steps):
+            raise ValueError(f"stochastic_steps {steps} must be step indices in [0, nfe={self.nfe})")
+        if self.keep_states is not None and any(not 0 <= i <= self.nfe for i in self.keep_states):
+            raise ValueError(f"keep_states {self.keep_states} must be schedule indices in [0, {self.nfe}]")
+        if self.objective == "grpo" and self.candidates < 2:
+            raise ValueError("grpo needs candidates >= 2 (advantages are relative within a group)")
+        return self
+
+
 class RayConfig(Strict):
     address: str | None = None  # None: a local instance bound to 127.0.0.1
     num_cpus: int | None = None
@@ -163,6 +230,7 @@ class Config(Strict):
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
     eval: EvalConfig = EvalConfig()
+    rl: RLConfig = RLConfig()
     ray: RayConfig = RayConfig()
     wandb: WandbConfig = WandbConfig()
 

@@ -1,4 +1,4 @@
-"""Training objectives on packed tokens: stage-0 flow matching (later: the RL losses `rsr` and `grpo`)."""
+"""Training objectives on packed tokens: flow matching (stage 0, and the RL anchor). RL losses: fluxir.rl."""
 from __future__ import annotations
 
 import torch
@@ -13,26 +13,36 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).flatten(1).mean(1)
 
 
-def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """`mse`: the plain mean; `log_mse`: mean of log per-sample MSE, i.e. −PSNR up to constants.
+def per_sample_regression(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """`mse`: per-sample MSE; `log_mse`: its log, i.e. −PSNR up to constants. (B,)
 
     log-MSE weighs each sample by its own error, so mild tasks (sr, deblur) are not drowned by
     large-error ones (lowlight, underwater) — DESIGN.md §4.
     """
     mse = per_sample_mse(pred.float(), target.float())
     if kind == "mse":
-        return mse.mean()
+        return mse
     if kind == "log_mse":
-        return torch.log(mse + LOG_MSE_EPS).mean()
+        return torch.log(mse + LOG_MSE_EPS)
     raise ValueError(f"unknown loss {kind!r}; known: mse, log_mse")
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Batch mean of `per_sample_regression`."""
+    return per_sample_regression(pred, target, kind).mean()
+
+
+def flow_matching_per_sample(pred: Prediction, x0: torch.Tensor, x1: torch.Tensor, parametrization: str,
+                             kind: str) -> torch.Tensor:
+    """Regress the network's reading: x0̂ → x0 (x0 residual) or v → x1 − x0 (velocity). (B,)"""
+    if parametrization == "x0_residual":
+        return per_sample_regression(pred.x0_hat, x0, kind)
+    return per_sample_regression(pred.velocity, x1 - x0, kind)
 
 
 def flow_matching_loss(pred: Prediction, x0: torch.Tensor, x1: torch.Tensor, parametrization: str,
                        kind: str) -> torch.Tensor:
-    """Regress the network's reading: x0̂ → x0 (x0 residual) or v → x1 − x0 (velocity)."""
-    if parametrization == "x0_residual":
-        return regression_loss(pred.x0_hat, x0, kind)
-    return regression_loss(pred.velocity, x1 - x0, kind)
+    return flow_matching_per_sample(pred, x0, x1, parametrization, kind).mean()
 
 
 def psnr_from_mse(mse: torch.Tensor, value_range: float = 2.0) -> torch.Tensor:

@@ -25,6 +25,19 @@ def token_channels(codec) -> int:
     return codec.latent_channels * 4
 
 
+def flow_matching_prediction(model, codec, cfg: Config, batch: dict):
+    """The policy's prediction at x_t on the path from GT to the source: (pred, x0, x1) in tokens.
+
+    batch: lq, gt (B, 3, H, W) images, task (B,), t (B,) times, noise (B, C, h, w) latent-shaped ε.
+    """
+    x0_img, lq_img = codec.encode(batch["gt"]), codec.encode(batch["lq"])
+    h, w = x0_img.shape[-2:]
+    x0, lq = pack(x0_img), pack(lq_img)
+    x1 = source_mean(lq, cfg.flow.source) + source_sigma(cfg.flow) * pack(batch["noise"])
+    x_t = flow.interpolate(x0, x1, batch["t"])
+    return model(x_t, lq, batch["t"], batch["task"], image_ids(h, w)), x0, x1
+
+
 class FlowMatchingRecipe:
     """Builds the policy, yields deterministic batches (the cursor is the step), computes the loss."""
 
@@ -51,12 +64,7 @@ class FlowMatchingRecipe:
         return b
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        x0_img, lq_img = self.codec.encode(batch["gt"]), self.codec.encode(batch["lq"])
-        h, w = x0_img.shape[-2:]
-        x0, lq = pack(x0_img), pack(lq_img)
-        x1 = source_mean(lq, self.cfg.flow.source) + source_sigma(self.cfg.flow) * pack(batch["noise"])
-        x_t = flow.interpolate(x0, x1, batch["t"])
-        pred = model(x_t, lq, batch["t"], batch["task"], image_ids(h, w))
+        pred, x0, x1 = flow_matching_prediction(model, self.codec, self.cfg, batch)
         loss = flow_matching_loss(pred, x0, x1, self.cfg.model.parametrization, self.cfg.pretrain.loss)
         with torch.no_grad():
             psnr = psnr_from_mse(per_sample_mse(pred.x0_hat, x0)).mean().item()

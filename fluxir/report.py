@@ -104,3 +104,73 @@ def eval_section(title: str, result: dict, command: str) -> str:
     if "lpips" not in _metrics_present(result):
         parts.append(f"LPIPS: unavailable ({result.get('lpips_reason', 'no AlexNet weights')}).")
     return "\n\n".join(parts)
+
+
+def comparison_table(results: dict[str, dict], metric: str, nfe: int) -> str:
+    """Rows: tasks (+ mean); columns: LQ input, then each named result at `nfe`. Bold: best model column."""
+    names = list(results)
+    first = results[names[0]]
+    fmt, sign = METRIC_FORMAT[metric], (-1 if metric == "lpips" else 1)
+    lines = ["| task | LQ input | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    means = {n: [] for n in [None, *names]}
+    for task, e in first["tasks"].items():
+        values = {n: results[n]["tasks"][task]["nfe"][nfe][metric] for n in names}
+        best = max(values.values(), key=lambda v: sign * v)
+        means[None].append(e["lq"][metric])
+        cells = [fmt.format(e["lq"][metric])]
+        for n in names:
+            means[n].append(values[n])
+            cells.append(("**" + fmt.format(values[n]) + "**") if values[n] == best else fmt.format(values[n]))
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    avg = {n: sum(v) / len(v) for n, v in means.items()}
+    lines.append("| **mean** | " + " | ".join(fmt.format(avg[n]) for n in means) + " |")
+    return "\n".join(lines)
+
+
+def write_gap_plot(path: Path, histories: dict[str, list[dict]]) -> Path:
+    """Reward gap (best candidate − ODE candidate) and mean reward per iteration, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for name, history in histories.items():
+        rows = [h for h in history if "gap" in h]
+        if not rows:
+            continue
+        its = [h["iteration"] for h in rows]
+        axes[0].plot(its, [h["gap"] for h in rows], label=name, lw=1)
+        axes[1].plot(its, [h["reward_mean"] for h in rows], label=name, lw=1)
+    axes[0].set(title="best − ODE candidate reward", xlabel="iteration")
+    axes[1].set(title="mean candidate reward", xlabel="iteration")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+STAGE_LABELS = {"base": "stage-0 base", "rl": "RL", "rl-control": "control (fm)", "rl-k1": "ablation (K=1)"}
+
+
+def rl_section(evals: dict[str, dict], runs: dict[str, dict], command: str, plot: str | None) -> str:
+    """Stage 1 against the base, the equal-time control and the K=1 ablation, per NFE and metric."""
+    parts = ["## Stage 1: RL trajectory optimisation", f"Reproduce: `{command}`"]
+    lines = []
+    for stage, run in runs.items():
+        lines.append(f"- {STAGE_LABELS.get(stage, stage)}: {run['iterations']} iterations, "
+                     f"{run['loop_seconds']:.0f} s loop wall-clock (+{run['startup_seconds']:.0f} s start-up), "
+                     f"policy v{run['version']}")
+    parts.append("\n".join(lines))
+    labelled = {STAGE_LABELS.get(k, k): v for k, v in evals.items()}
+    first = next(iter(evals.values()))
+    for metric in _metrics_present(first):
+        for nfe in first["nfe"]:
+            parts.append(f"### {metric.upper()} at NFE {nfe}\n\n" + comparison_table(labelled, metric, nfe))
+    if plot:
+        parts.append(f"![reward gap]({plot})")
+    return "\n\n".join(parts)

@@ -44,10 +44,13 @@ def initial_state(lq_tokens, flow_cfg, generator=None) -> torch.Tensor:
 
 
 def sample_trajectory(policy, lq_tokens, task, img_ids, schedule, flow_cfg, x_start=None, rho: float = 0.0,
-                      stochastic_steps: set[int] | None = None, generator=None) -> Trajectory:
+                      stochastic_steps: set[int] | None = None, generator=None,
+                      step_noise: dict[int, torch.Tensor] | None = None) -> Trajectory:
     """Integrate from x_start along `schedule`; steps in `stochastic_steps` use the modulated step with ρ.
 
     lq_tokens (B, N, C); task (B,) int64; img_ids (N, 3). Without a stochastic step this is the ODE.
+    `step_noise[i]` (B, N, C), if given, is the standard-normal draw of stochastic step i (per-row
+    seeding); otherwise it comes from `generator`.
     """
     schedule = flow.check_schedule(schedule)
     mu, sigma = source_mean(lq_tokens, flow_cfg.source), source_sigma(flow_cfg)
@@ -59,7 +62,8 @@ def sample_trajectory(policy, lq_tokens, task, img_ids, schedule, flow_cfg, x_st
         if s == 0.0:
             x, lp = pred.x0_hat, torch.zeros(x.shape[0])  # the last step lands on the clean estimate
         elif stochastic_steps and i in stochastic_steps and rho > 0:
-            x, lp = flow.stochastic_step(x, pred.velocity, t, s, mu, sigma, rho, generator=generator)
+            noise = step_noise.get(i) if step_noise else None
+            x, lp = flow.stochastic_step(x, pred.velocity, t, s, mu, sigma, rho, noise=noise, generator=generator)
         else:
             x, lp = flow.ode_step(x, pred.velocity, t, s), torch.zeros(x.shape[0])
         traj.states.append(x)

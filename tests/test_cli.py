@@ -11,7 +11,7 @@ from fluxir.cli import build_parser, main
 from fluxir.data import save_image
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["run", "pretrain", "eval", "restore", "testset"]
+SUBCOMMANDS = ["run", "pretrain", "rl", "eval", "restore", "testset", "weights"]
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -62,6 +62,19 @@ def test_run_writes_report_table_and_grids(smoke_run):
     assert set(result["nfe"]) == {1, 2}
     assert all(e["lq"]["psnr"] > 5 for e in result["tasks"].values())
     assert (run_dir / "pretrain" / "model" / "policy.safetensors").is_file()
+
+
+def test_run_includes_stage1_with_wandb_offline(smoke_run):
+    run_dir, _ = smoke_run
+    report = (run_dir / "report.md").read_text()
+    assert "## Stage 1: RL trajectory optimisation" in report and "| RL |" not in report
+    assert "| task | LQ input | stage-0 base | RL |" in report
+    assert (run_dir / "rl" / "model" / "policy.safetensors").is_file()
+    assert (run_dir / "rl_gap.png").stat().st_size > 1000
+    card = json.loads((run_dir / "rl" / "model" / "policy.json").read_text())
+    assert (card["stage"], card["version"]) == ("rl", 3)
+    offline = list((run_dir / "rl" / "wandb").glob("offline-run-*"))
+    assert offline, "wandb offline run missing"
 
 
 def test_pretrain_resumes_from_the_last_checkpoint(smoke_run):

@@ -1,0 +1,210 @@
+"""The DeepSpeed learner group: N Ray actors in one placement group, one torch.distributed rank each.
+
+Each rank builds the policy from the stage's initial weights, wraps it in a DeepSpeed engine
+(ZeRO stage and precision from the JSON named by `rl.deepspeed`) and, on `update(batch)`, takes
+its contiguous shard of the global batch. Its loss is the shard's per-sample loss summed and
+scaled by world/n_global, so DeepSpeed's gradient average over ranks is exactly the global mean:
+an N-rank update equals a 1-rank update on the same batch (up to float summation order).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.train import _import_deepspeed, load_ds_config
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A rank's loss was NaN/inf; no rank stepped on it."""
+
+
+def learner_ds_config(cfg, world: int) -> dict:
+    """rl.deepspeed with the RL batch, ZeRO stage and a constant learning rate."""
+    micro = max(1, -(-cfg.rl.batch_size // world))
+    return load_ds_config(cfg.rl.deepspeed, {
+        "train_micro_batch_size_per_gpu": micro,
+        "train_batch_size": micro * world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.rl.zero_stage},
+        "optimizer": {"params": {"lr": cfg.rl.lr}},
+    })
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous near-equal shard [lo, hi) of n rows for `rank`."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _threads(resources: dict[str, float]) -> int:
+    return max(1, int(resources.get("CPU", 1)))
+
+
+@ray.remote
+class LearnerActor:
+    """One rank: a DeepSpeed engine around the policy, updated by the configured RL objective."""
+
+    def __init__(self, config: dict, init_dir: str, rank: int, world: int, threads: int):
+        import torch
+
+        from fluxir.config import config_from_dict
+
+        torch.set_num_threads(threads)
+        self.cfg = config_from_dict(config)
+        self.init_dir, self.rank, self.world = init_dir, rank, world
+        self.engine = None
+
+    def address(self) -> tuple[str, int, str]:
+        """This node's address, a free port on it (rank 0 hosts the rendezvous) and its Ray node id."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1], ray.get_runtime_context().get_node_id()
+
+    def setup(self, master: str, port: int, local_rank: int, ds_config: dict) -> dict:
+        import torch
+
+        from fluxir.codec import build_codec
+        from fluxir.policy import load_policy
+        from fluxir.pretrain import token_channels
+        from fluxir.rl import RLObjective
+
+        if master == LOOPBACK:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo's sockets on loopback too
+        os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": str(local_rank),
+                           "MASTER_ADDR": master, "MASTER_PORT": str(port)})
+        deepspeed = _import_deepspeed()
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://{master}:{port}",
+                                   rank=self.rank, world_size=self.world)
+        self.codec = build_codec(self.cfg)
+        policy = load_policy(self.init_dir, self.cfg, token_channels(self.codec)).train()
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=params, config=ds_config,
+                                               dist_init_required=False)
+        self.objective = RLObjective(self.cfg, self.codec)
+        return {"rank": self.rank, "backend": backend, "zero_stage": self.engine.zero_optimization_stage(),
+                "trainable": sum(p.numel() for p in params)}
+
+    def update(self, batch: dict, iteration: int) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        n = len(batch["seed"])
+        lo, hi = shard_bounds(n, self.rank, self.world)
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        if hi > lo:
+            per, logs = self.objective.per_sample(self.engine, {k: v[lo:hi] for k, v in batch.items()})
+            loss = per.sum() * (self.world / n)
+        else:  # an empty shard still joins the gradient all-reduce
+            per, logs = torch.zeros(0), {}
+            loss = sum(p.sum() for p in params) * 0.0
+        stats = torch.tensor([float(per.sum().detach()) if hi > lo else 0.0, float(hi - lo),
+                              0.0 if torch.isfinite(loss.detach()) else 1.0])
+        dist.all_reduce(stats)
+        if stats[2] > 0:
+            raise NonFiniteLossError(f"non-finite RL loss at iteration {iteration} (rank {self.rank} logs {logs}; "
+                                     f"{int(stats[2])} rank(s) affected); no update applied")
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss": float(stats[0] / max(stats[1], 1)), **logs}
+
+    def get_weights(self):
+        """Trainable tensors (gathered under ZeRO-3); rank 0 returns them, other ranks None."""
+        import torch
+
+        module = self.engine.module
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.clone() for k, v in module.trainable_state_dict().items()}
+        else:
+            state = module.trainable_state_dict()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}  # fp32 on the wire
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        self.engine.save_checkpoint(directory, tag=tag)
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
+
+    def save_policy(self, directory: str, extra: dict) -> None:
+        from fluxir.policy import save_policy
+
+        module = self.engine.module
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if self.rank == 0:
+                    save_policy(module, directory, self.cfg, extra=extra)
+        elif self.rank == 0:
+            save_policy(module, directory, self.cfg, extra=extra)
+
+
+class LearnerGroup:
+    """N `learner-i` ranks packed into one placement group; every call goes to all ranks."""
+
+    def __init__(self, cfg, init_dir: str | Path, num_learners: int | None = None,
+                 resources: dict[str, float] | None = None, ready_timeout_s: float = 300):
+        self.world = num_learners or cfg.rl.num_learners
+        resources = dict(resources or cfg.rl.learner_resources)
+        self.pg = placement_group([resources] * self.world, strategy="PACK", name=f"{cfg.name}-learners")
+        ray.get(self.pg.ready(), timeout=ready_timeout_s)
+        config = cfg.model_dump(mode="json")
+        options = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+        self.actors = [
+            LearnerActor.options(
+                name=f"learner-{rank}", num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
+                resources=options or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(config, str(init_dir), rank, self.world, _threads(resources))
+            for rank in range(self.world)
+        ]
+        addresses = ray.get([a.address.remote() for a in self.actors])
+        master, port, _ = addresses[0]
+        nodes = [node for _, _, node in addresses]
+        local_ranks = [nodes[:rank].count(node) for rank, node in enumerate(nodes)]
+        ds_config = learner_ds_config(cfg, self.world)
+        self.facts = ray.get([a.setup.remote(master, port, lr, ds_config) for a, lr in zip(self.actors, local_ranks)])
+        log.info("learner group: %d rank(s), %s", self.world, self.facts[0])
+
+    def _all(self, method: str, *args):
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def update(self, batch: dict, iteration: int) -> dict:
+        ref = ray.put(batch)  # one copy in the object store, read by every rank
+        return self._all("update", ref, iteration)[0]
+
+    def get_weights(self) -> dict:
+        return self._all("get_weights")[0]
+
+    def save_checkpoint(self, directory: str | Path, tag: str) -> None:
+        self._all("save_checkpoint", str(directory), tag)
+
+    def load_checkpoint(self, directory: str | Path, tag: str) -> None:
+        self._all("load_checkpoint", str(directory), tag)
+
+    def save_policy(self, directory: str | Path, extra: dict) -> None:
+        self._all("save_policy", str(directory), extra)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.pg)

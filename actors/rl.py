@@ -1,0 +1,416 @@
+"""Stage 1 on Ray (DESIGN.md §6): rollout actors, reward workers, the learner group and the controller loop.
+
+One iteration: the controller takes the next batch of (LQ, GT, task) inputs (the iteration is the
+data cursor), shards it over the `rollout-i` actors, hands each shard's Arrow record batch straight
+to a `reward-i` worker (object refs, no driver round trip), builds the learner batch from the scored
+rows, runs one DeepSpeed update on the `learner-i` ranks, and ships the new trainable tensors to every
+rollout actor as a versioned, checksummed `WeightSet` through the object store.
+
+Faults: rollout and reward actors restart (`rl.max_restarts`); work lost with a dead actor is issued
+again once it is back and re-synced. Checkpoints (every `rl.checkpoint_every` iterations) are written to
+a temp folder and renamed, so a killed driver leaves only complete ones; a rerun resumes from the latest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.learner import LearnerGroup
+from actors.runtime import init_ray
+from actors.tracking import RLMetrics, Tracker
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "controller.json"
+LEARNER_TAG = "learner"
+RESTART_WAIT_S = 120.0
+
+
+def _threads(resources: dict[str, float]) -> int:
+    return max(1, int(resources.get("CPU", 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Actors
+# ---------------------------------------------------------------------------------------------
+
+@ray.remote
+class RolloutActor:
+    """Holds a policy copy at a known version; samples K candidate trajectories per input."""
+
+    def __init__(self, config: dict, init_dir: str, index: int, threads: int):
+        import torch
+
+        from fluxir.codec import build_codec
+        from fluxir.config import config_from_dict
+        from fluxir.policy import load_policy
+        from fluxir.pretrain import token_channels
+
+        torch.set_num_threads(threads)
+        self.cfg = config_from_dict(config)
+        self.index = index
+        self.codec = build_codec(self.cfg)
+        self.policy = load_policy(init_dir, self.cfg, token_channels(self.codec))
+        self.version = 0
+
+    def ping(self) -> int:
+        return self.version
+
+    def set_weights(self, weights) -> int:
+        """Load a verified `WeightSet`; a partial/tampered/mismatched one raises and changes nothing."""
+        from fluxir.weightsync import verify_weight_set
+
+        verify_weight_set(weights, self.policy.trainable_state_dict())
+        self.policy.load_trainable_state_dict(weights.tensors)
+        self.version = weights.version
+        return self.version
+
+    def rollout(self, inputs: dict, first_index: int):
+        """Arrow record batch of K candidates per input (see fluxir.rollouts for the columns)."""
+        import torch
+
+        from fluxir.rl import kept_indices, rl_schedule, sample_candidates
+        from fluxir.rollouts import to_record_batch
+
+        k = self.cfg.rl.candidates
+        out = sample_candidates(self.policy, self.codec, inputs["lq"], inputs["task"], inputs["seed"], self.cfg)
+        n = len(inputs["seed"])
+        rep = lambda x: x.repeat_interleave(k, 0)  # noqa: E731
+        columns = {
+            "input": rep(torch.arange(first_index, first_index + n)), "task": rep(inputs["task"]),
+            "seed": rep(inputs["seed"]), "candidate": out["candidate"], "noise_seed": out["noise_seed"],
+            "version": torch.full((n * k,), self.version), "lq": rep(inputs["lq"]), "gt": rep(inputs["gt"]),
+            "final": out["final"], "states": out["states"], "log_probs": out["log_probs"],
+        }
+        return to_record_batch(columns, rl_schedule(self.cfg), kept_indices(self.cfg))
+
+
+@ray.remote
+class RewardWorker:
+    """Stateless scorer: PSNR/SSIM (and LPIPS when weighted) of final images against GT, and the reward."""
+
+    def __init__(self, config: dict, threads: int):
+        import torch
+
+        from fluxir.config import config_from_dict
+        from fluxir.metrics import load_lpips
+
+        torch.set_num_threads(threads)
+        self.cfg = config_from_dict(config)
+        self.lpips = load_lpips() if self.cfg.rl.reward.lpips > 0 else None  # LPIPSUnavailable names the fix
+
+    def ping(self) -> bool:
+        return True
+
+    def score(self, batch):
+        import torch
+
+        from fluxir.metrics import compute_metrics
+        from fluxir.rl import combine_reward
+        from fluxir.rollouts import column_tensor, with_scores
+
+        final, gt = column_tensor(batch, "final"), column_tensor(batch, "gt")
+        with torch.no_grad():
+            metrics = compute_metrics(final, gt, lpips=self.lpips)
+        reward = combine_reward(metrics, self.cfg.rl.reward)
+        metrics.setdefault("lpips", torch.full_like(reward, float("nan")))
+        return with_scores(batch, {**metrics, "reward": reward})
+
+
+def check_resources(cfg, available: dict[str, float]) -> None:
+    """Fail fast, naming the config keys, when the actors cannot all be placed on this cluster."""
+    rl = cfg.rl
+    roles = [("rl.rollout_resources", rl.rollout_resources, rl.num_rollout_actors),
+             ("rl.reward_resources", rl.reward_resources, rl.num_reward_workers),
+             ("rl.learner_resources", rl.learner_resources, rl.num_learners)]
+    for resource in {r for _, res, _ in roles for r in res}:
+        need = sum(res.get(resource, 0) * n for _, res, n in roles)
+        if need > available.get(resource, 0) + 1e-9:
+            parts = ", ".join(f"{key}={res.get(resource, 0)} x {n}" for key, res, n in roles)
+            raise ValueError(f"stage 1 needs {need:g} {resource} ({parts}) but the cluster has "
+                             f"{available.get(resource, 0):g}; lower those or the actor counts")
+
+
+# ---------------------------------------------------------------------------------------------
+# The system: actors + learner group, with recovery
+# ---------------------------------------------------------------------------------------------
+
+class RLSystem:
+    """Creates `rollout-i`, `reward-i` and the learner group; re-issues work lost with a dead actor."""
+
+    def __init__(self, cfg, init_dir: str | Path):
+        self.cfg = cfg
+        config = cfg.model_dump(mode="json")
+        rl = cfg.rl
+        check_resources(cfg, ray.cluster_resources())
+        self.rollouts = [self._actor(RolloutActor, f"rollout-{i}", rl.rollout_resources, config, str(init_dir), i,
+                                     _threads(rl.rollout_resources)) for i in range(rl.num_rollout_actors)]
+        self.rewards = [self._actor(RewardWorker, f"reward-{i}", rl.reward_resources, config,
+                                    _threads(rl.reward_resources)) for i in range(rl.num_reward_workers)]
+        self.learners = LearnerGroup(cfg, init_dir)
+        ray.get([a.ping.remote() for a in self.rollouts + self.rewards])
+        self.weights_ref = None
+        self.version = 0
+        self.restarts = 0
+
+    def _actor(self, cls, name, resources, *args):
+        extra = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+        return cls.options(name=name, num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
+                           resources=extra or None, max_restarts=self.cfg.rl.max_restarts,
+                           max_task_retries=0).remote(*args)
+
+    # --- weight sync ---------------------------------------------------------------------------
+    def sync(self, version: int) -> int:
+        """Ship the learner's trainable tensors as `WeightSet(version)` to every rollout actor; bytes sent."""
+        from fluxir.weightsync import make_weight_set
+
+        weights = make_weight_set(self.learners.get_weights(), version)
+        self.weights_ref, self.version = ray.put(weights), version
+        sent = [a.set_weights.remote(self.weights_ref) for a in self.rollouts]  # all at once
+        for i, ref in enumerate(sent):
+            self._push_weights(i, ref)
+        return weights.num_bytes
+
+    def _push_weights(self, i: int, sent=None) -> None:
+        """Make sure rollout-i holds the current weights (waiting out a restart)."""
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            try:
+                ray.get(sent or self.rollouts[i].set_weights.remote(self.weights_ref), timeout=RESTART_WAIT_S)
+                return
+            except (RayActorError, GetTimeoutError) as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rollout-{i} did not come back within {RESTART_WAIT_S:.0f} s: {err}") from err
+                sent = None
+                time.sleep(0.5)
+
+    def _recover_rollout(self, i: int) -> None:
+        """Wait for a restarted rollout actor, then give it the current weights."""
+        self.restarts += 1
+        log.warning("rollout-%d died; waiting for its restart and re-syncing weights v%d", i, self.version)
+        self._push_weights(i)
+
+    def _wait_alive(self, actor, name: str) -> None:
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            try:
+                ray.get(actor.ping.remote(), timeout=RESTART_WAIT_S)
+                return
+            except (RayActorError, GetTimeoutError) as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not come back within {RESTART_WAIT_S:.0f} s: {err}") from err
+                time.sleep(0.5)
+
+    # --- one iteration's rollouts and rewards ----------------------------------------------------
+    def rollout_and_score(self, inputs: dict, first_index: int, on_issued=None) -> tuple[list, dict]:
+        """Scored record batches in input order, with timings (rollout_s until the last rollout is in,
+        reward_s the scoring tail after it; scoring of early shards overlaps later rollouts) and
+        fault counters."""
+        bounds = np.array_split(np.arange(len(inputs["seed"])), len(self.rollouts))
+        shards = {i: ({k: v[b[0]:b[-1] + 1] for k, v in inputs.items()}, first_index + int(b[0]))
+                  for i, b in enumerate(bounds) if len(b)}
+        counters = {"reissued": 0, "stale": 0}
+        t0 = time.perf_counter()
+        roll = {i: self.rollouts[i].rollout.remote(*shard) for i, shard in shards.items()}
+        scored = {i: self._score(i, roll[i]) for i in roll}
+        if on_issued:
+            on_issued(self)
+        for i in shards:
+            self._rollout_result(i, shards[i], roll, scored, counters)
+        t1 = time.perf_counter()
+        results = [self._scored_result(i, roll, scored, counters) for i in shards]
+        return results, {**counters, "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+
+    def _score(self, i: int, rollout_ref):
+        return self.rewards[i % len(self.rewards)].score.remote(rollout_ref)
+
+    def _rollout_result(self, i, shard, roll, scored, counters) -> None:
+        """Wait for shard i's rollout; re-issue it after a restart or when it is too stale."""
+        from fluxir.rollouts import column_tensor
+
+        for _ in range(self.cfg.rl.max_restarts + 2):
+            try:
+                batch = ray.get(roll[i])
+            except RayActorError:
+                self._recover_rollout(i)
+                counters["reissued"] += 1
+            else:
+                lag = self.version - int(column_tensor(batch, "version").min())
+                if lag <= self.cfg.rl.max_staleness:
+                    return
+                counters["stale"] += 1
+                log.warning("rollout-%d sampled with a policy %d version(s) old > rl.max_staleness; re-syncing",
+                            i, lag)
+                self._push_weights(i)
+            roll[i] = self.rollouts[i].rollout.remote(*shard)
+            scored[i] = self._score(i, roll[i])
+        raise RuntimeError(f"rollout-{i} failed {self.cfg.rl.max_restarts + 2} times on one shard")
+
+    def _scored_result(self, i, roll, scored, counters):
+        for _ in range(self.cfg.rl.max_restarts + 2):
+            try:
+                return ray.get(scored[i])
+            except RayActorError:
+                name = f"reward-{i % len(self.rewards)}"
+                log.warning("%s died; re-scoring shard %d", name, i)
+                self._wait_alive(self.rewards[i % len(self.rewards)], name)
+                counters["reissued"] += 1
+                scored[i] = self._score(i, roll[i])
+        raise RuntimeError(f"reward-{i % len(self.rewards)} failed {self.cfg.rl.max_restarts + 2} times on one shard")
+
+    def shutdown(self) -> None:
+        self.learners.shutdown()
+        for actor in self.rollouts + self.rewards:
+            ray.kill(actor, no_restart=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, with the controller state), oldest first."""
+    return sorted(p for p in root.glob("iter_*") if (p / STATE_FILE).is_file())
+
+
+def save_checkpoint(system: RLSystem, root: Path, state: dict, keep: int) -> Path:
+    """Learner engines + controller state into `.tmp-iter_N`, renamed to `iter_N`; then prune to `keep`."""
+    final = root / f"iter_{state['iteration']:08d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        system.learners.save_checkpoint(tmp, LEARNER_TAG)
+        rng = {"python": random.getstate()[1][:625], "numpy": np.random.get_state()[1].tolist()}
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump({**state, "rng": rng}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"checkpoint {final} not written ({err}); earlier checkpoints are kept") from err
+    for old in _checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest(system: RLSystem, root: Path) -> dict | None:
+    """Restore the learners from the latest complete checkpoint; its controller state, or None."""
+    for stale in root.glob(".tmp-iter_*"):
+        log.warning("removing incomplete checkpoint %s (a run was killed while saving)", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    done = _checkpoints(root)
+    if not done:
+        return None
+    latest = done[-1]
+    system.learners.load_checkpoint(latest, LEARNER_TAG)
+    state = json.loads((latest / STATE_FILE).read_text())
+    state.pop("rng", None)
+    log.info("resumed stage from %s (iteration %d, policy v%d)", latest, state["iteration"], state["version"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller
+# ---------------------------------------------------------------------------------------------
+
+def rl_stream(cfg):
+    from fluxir.data import TrainStream, mix_seed
+    from fluxir.pretrain import training_images
+
+    return TrainStream(training_images(cfg), cfg.data.tasks, cfg.data.crop, cfg.rl.batch_size, mix_seed(cfg.seed, 1))
+
+
+def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_progress: bool = True,
+           on_issued=None, write_rollouts: bool | None = None) -> dict:
+    """Run (or resume) stage 1 into `<run>/<stage>`; returns {"model_dir", "iterations", "version", ...}.
+
+    `on_issued(system)` is called each iteration right after the rollouts were issued (fault tests).
+    """
+    from fluxir.rl import check_rl_config, learner_batch
+    from fluxir.rl import init_dir as default_init
+    from fluxir.rollouts import to_tensors, write_parquet
+
+    check_rl_config(cfg)
+    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
+    stage_dir = cfg.run_dir / stage
+    init_dir = Path(init_dir) if init_dir else default_init(cfg)
+    if not (init_dir / "policy.safetensors").is_file():
+        raise FileNotFoundError(f"stage {stage}: no initial policy at {init_dir} (run `fluxir pretrain` first)")
+    write_rollouts = cfg.rl.write_rollouts if write_rollouts is None else write_rollouts
+    started = time.perf_counter()
+    system = RLSystem(cfg, init_dir)
+    startup_s = time.perf_counter() - started
+    stream, ckpt_root = rl_stream(cfg), stage_dir / "checkpoints"
+    state = load_latest(system, ckpt_root) or {"iteration": 0, "version": 0, "loop_seconds": 0.0, "history": []}
+    system.sync(state["version"])
+    metrics, tracker = RLMetrics(stage), Tracker(cfg, stage, stage_dir)
+    bar = _progress(cfg, state["iteration"], stage) if show_progress else None
+    try:
+        while state["iteration"] < cfg.rl.iterations and not _out_of_time(cfg, state):
+            t_iter = time.perf_counter()
+            it = state["iteration"]
+            inputs = stream.batch(it)
+            if cfg.rl.objective == "fm":  # the control: flow matching on the same stream, no rollouts
+                batches, faults, sel, batch = [], {}, {}, inputs
+            else:
+                batches, faults = system.rollout_and_score(inputs, it * cfg.rl.batch_size, on_issued)
+                batch, sel = learner_batch(to_tensors(batches), cfg)
+            t_learn = time.perf_counter()
+            logs = system.learners.update(batch, it)
+            t_sync = time.perf_counter()
+            sent = system.sync(state["version"] + 1)
+            t_end = time.perf_counter()
+            if write_rollouts and batches:
+                write_parquet(batches, stage_dir / "rollouts" / f"iter_{it:08d}.parquet")
+            record = {"iteration": it + 1, "version": system.version, **sel, **logs, **faults,
+                      "rollouts": sum(b.num_rows for b in batches), "learn_s": t_sync - t_learn, "sync_s": t_end - t_sync,
+                      "sync_bytes": sent, "iteration_s": time.perf_counter() - t_iter, "restarts": system.restarts}
+            state = {**state, "iteration": it + 1, "version": system.version,
+                     "loop_seconds": state["loop_seconds"] + record["iteration_s"],
+                     "history": state["history"] + [record]}
+            metrics.record(record)
+            tracker.log(record, step=it + 1)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.3f}", gap=f"{sel.get('gap', 0.0):.3f}", v=system.version)
+            if state["iteration"] % cfg.rl.checkpoint_every == 0:
+                save_checkpoint(system, ckpt_root, state, cfg.rl.keep_checkpoints)
+        if not _checkpoints(ckpt_root) or _checkpoints(ckpt_root)[-1].name != f"iter_{state['iteration']:08d}":
+            save_checkpoint(system, ckpt_root, state, cfg.rl.keep_checkpoints)
+        model_dir = stage_dir / "model"
+        system.learners.save_policy(model_dir, {"stage": stage, "version": state["version"],
+                                                "iterations": state["iteration"], "objective": cfg.rl.objective})
+        (stage_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+    finally:
+        if bar is not None:
+            bar.close()
+        tracker.finish()
+        system.shutdown()
+    return {"model_dir": str(model_dir), "iterations": state["iteration"], "version": state["version"],
+            "loop_seconds": state["loop_seconds"], "startup_seconds": startup_s,
+            "seconds": time.perf_counter() - started, "history": state["history"]}
+
+
+def _out_of_time(cfg, state: dict) -> bool:
+    return cfg.rl.max_seconds is not None and state["loop_seconds"] >= cfg.rl.max_seconds
+
+
+def _progress(cfg, start: int, stage: str):
+    from tqdm import tqdm
+
+    total = None if cfg.rl.max_seconds is not None and cfg.rl.iterations >= 10 ** 6 else cfg.rl.iterations
+    return tqdm(total=total, initial=start, desc=stage, unit="it", file=sys.stdout)

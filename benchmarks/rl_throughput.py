@@ -1,0 +1,129 @@
+"""RL throughput: the Ray system (rollout actors, reward worker, DeepSpeed learner group, weight sync)
+against a single process doing the same work (same inputs, candidates, rewards, objective and optimizer
+settings) with all the machine's cores, on the same machine.
+
+    python benchmarks/rl_throughput.py configs/tiny.yaml [--iterations 30] [--warmup 3] [key=value ...]
+
+Needs a stage-0 policy (`rl.init`, default <run>/pretrain/model, i.e. after `make run`). Writes
+benchmarks/results/rl_throughput.json: trajectories/s and the mean iteration split
+(rollout / reward / learn / sync seconds) for both, plus the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fluxir.config import load_config  # noqa: E402
+
+SPLIT = ("rollout_s", "reward_s", "learn_s", "sync_s", "iteration_s")
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "processor": platform.processor() or platform.machine()}
+
+
+def summarise(history: list[dict], warmup: int) -> dict:
+    rows = history[warmup:]
+    out = {k: statistics.mean(h[k] for h in rows) for k in SPLIT}
+    out["trajectories_per_s"] = sum(h["rollouts"] for h in rows) / sum(h["iteration_s"] for h in rows)
+    out["sync_fraction"] = out["sync_s"] / out["iteration_s"]
+    out["iterations_measured"] = len(rows)
+    return out
+
+
+def single_process(cfg, iterations: int) -> list[dict]:
+    """The same loop in one process: sample K candidates, score, build the batch, one AdamW step."""
+    from actors.rl import rl_stream
+    from fluxir.codec import build_codec
+    from fluxir.metrics import compute_metrics, load_lpips
+    from fluxir.policy import load_policy
+    from fluxir.pretrain import token_channels
+    from fluxir import rl
+
+    torch.set_num_threads(os.cpu_count())
+    codec = build_codec(cfg)
+    policy = load_policy(rl.init_dir(cfg), cfg, token_channels(codec)).train()
+    ds = json.loads((ROOT / cfg.rl.deepspeed).read_text())["optimizer"]["params"]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.rl.lr, betas=tuple(ds["betas"]), eps=ds["eps"], weight_decay=ds["weight_decay"])
+    objective, stream = rl.RLObjective(cfg, codec), rl_stream(cfg)
+    lpips = load_lpips() if cfg.rl.reward.lpips > 0 else None
+    k, history = cfg.rl.candidates, []
+    for it in range(iterations):
+        t0 = time.perf_counter()
+        inputs = stream.batch(it)
+        out = rl.sample_candidates(policy, codec, inputs["lq"], inputs["task"], inputs["seed"], cfg)
+        t1 = time.perf_counter()
+        rows = {key: v.repeat_interleave(k, 0) for key, v in inputs.items()} | out
+        rows["input"] = torch.arange(len(inputs["seed"])).repeat_interleave(k)
+        with torch.no_grad():
+            rows["reward"] = rl.combine_reward(compute_metrics(out["final"], rows["gt"], lpips=lpips), cfg.rl.reward)
+        batch, _ = rl.learner_batch(rows, cfg)
+        t2 = time.perf_counter()
+        per, _ = objective.per_sample(policy, batch)
+        opt.zero_grad()
+        per.mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        t3 = time.perf_counter()
+        history.append({"rollout_s": t1 - t0, "reward_s": t2 - t1, "learn_s": t3 - t2, "sync_s": 0.0,
+                        "iteration_s": t3 - t0, "rollouts": len(out["final"])})
+    return history
+
+
+def ray_system(cfg, iterations: int) -> list[dict]:
+    from actors.rl import run_rl
+    from fluxir.config import config_from_dict
+
+    tree = cfg.model_dump(mode="json")
+    tree["rl"].update(iterations=iterations, checkpoint_every=10 ** 9, max_seconds=None)
+    tree["wandb"]["mode"] = "disabled"
+    bench_cfg = config_from_dict(tree)
+    stage_dir = bench_cfg.run_dir / "bench-rl-throughput"
+    import shutil
+    shutil.rmtree(stage_dir, ignore_errors=True)  # a fresh run, never a resume
+    return run_rl(bench_cfg, stage="bench-rl-throughput", show_progress=False)["history"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/rl_throughput.json"))
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    single = summarise(single_process(cfg, args.iterations), args.warmup)
+    ray_ = summarise(ray_system(cfg, args.iterations), args.warmup)
+    result = {"command": "python benchmarks/rl_throughput.py " + " ".join(sys.argv[1:]), "machine": machine(),
+              "config": {"name": cfg.name, "batch_size": cfg.rl.batch_size, "candidates": cfg.rl.candidates,
+                         "nfe": cfg.rl.nfe, "rollout_actors": cfg.rl.num_rollout_actors,
+                         "reward_workers": cfg.rl.num_reward_workers, "learners": cfg.rl.num_learners},
+              "single_process": single, "ray": ray_,
+              "ray_over_single": ray_["trajectories_per_s"] / single["trajectories_per_s"]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"{'':16}{'traj/s':>9}" + "".join(f"{k:>13}" for k in SPLIT))
+    for name in ("single_process", "ray"):
+        r = result[name]
+        print(f"{name:16}{r['trajectories_per_s']:9.1f}" + "".join(f"{r[k]:13.3f}" for k in SPLIT))
+    print(f"ray / single = {result['ray_over_single']:.2f}; sync = {100 * ray_['sync_fraction']:.1f}% of an iteration")
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Tests for fluxir.rl, fluxir.rollouts and fluxir.weightsync: losses by hand, selection, rollouts, Arrow."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from fluxir import rl
+from fluxir.codec import build_codec
+from fluxir.config import load_config
+from fluxir.policy import build_policy
+from fluxir.pretrain import token_channels
+from fluxir.rollouts import column_tensor, read_parquet, schedule_of, to_record_batch, to_tensors, with_scores, write_parquet
+from fluxir.sampling import sample_trajectory
+from fluxir.weightsync import WeightSyncError, make_weight_set, verify_weight_set
+
+
+def smoke(*overrides):
+    return load_config("configs/smoke.yaml", ["wandb.mode=disabled", *overrides])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss terms by hand
+# ---------------------------------------------------------------------------------------------
+
+def test_rsr_terms_by_hand():
+    # two samples, one token of two channels; sample 1 has no better candidate (no step term)
+    velocity = torch.tensor([[[1.0, 2.0]], [[0.0, 0.0]]])
+    x0_hat = torch.tensor([[[0.5, 0.5]], [[0.0, 1.0]]])
+    x_a = torch.tensor([[[1.0, 1.0]], [[2.0, 2.0]]])
+    x_b = torch.tensor([[[0.5, 0.0]], [[1.0, 1.0]]])
+    t_a, t_b = torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.25])
+    gt = torch.tensor([[[0.0, 0.0]], [[0.0, 0.0]]])
+    step, x0 = rl.rsr_terms(velocity, x0_hat, x_a, x_b, t_a, t_b, gt, torch.tensor([True, False]), "mse")
+    # sample 0: target velocity (x_b - x_a)/(t_b - t_a) = (-0.5, -1)/(-0.5) = (1, 2) -> error 0
+    # sample 1: masked out
+    assert step.tolist() == [0.0, 0.0]
+    assert x0.tolist() == [0.25, 0.5]  # mean((0.5², 0.5²)), mean((0, 1))
+    velocity[0, 0, 0] = 3.0  # now (3, 2) vs (1, 2): mean((2², 0)) = 2
+    step, _ = rl.rsr_terms(velocity, x0_hat, x_a, x_b, t_a, t_b, gt, torch.tensor([True, True]), "mse")
+    assert step[0].item() == 2.0
+    # sample 1: target (-1, -1)/(-0.25) = (4, 4) vs (0, 0): 16
+    assert step[1].item() == 16.0
+    _, x0 = rl.rsr_terms(velocity, x0_hat, x_a, x_b, t_a, t_b, gt, torch.tensor([True, True]), "log_mse")
+    assert x0[0].item() == pytest.approx(math.log(0.25 + 1e-6))
+
+
+def test_grpo_terms_by_hand():
+    logp_old = torch.zeros(4)
+    logp_new = torch.log(torch.tensor([1.5, 1.5, 0.5, 1.1]))
+    adv = torch.tensor([1.0, -1.0, -2.0, 2.0])
+    out = rl.grpo_terms(logp_new, logp_old, adv, clip=0.2)
+    # r=1.5,A=1: min(1.5, 1.2) = 1.2 -> -1.2 ; r=1.5,A=-1: min(-1.5, -1.2) = -1.5 -> 1.5
+    # r=0.5,A=-2: min(-1.0, -1.6) = -1.6 -> 1.6 ; r=1.1,A=2: min(2.2, 2.2) -> -2.2
+    torch.testing.assert_close(out, torch.tensor([-1.2, 1.5, 1.6, -2.2]))
+
+
+def test_gaussian_kl_by_hand():
+    p = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    q = torch.tensor([[0.0, 0.0], [0.0, 3.0]])
+    torch.testing.assert_close(rl.gaussian_kl(p, q, 0.5), torch.tensor([(1 + 4) / 0.5, 9 / 0.5]))
+
+
+def test_select_best_margin_and_ode_default():
+    reward = torch.tensor([1.0, 3.0, 2.0,   # input 0: candidate 1 beats ODE by 2
+                           5.0, 5.1, 4.0,   # input 1: beats by 0.1, below margin 0.5
+                           9.0, 1.0, 2.0])  # input 2: ODE is best
+    chosen, improved, gap = rl.select_best(reward, 3, margin=0.5)
+    assert chosen.tolist() == [1, 0, 0]
+    assert improved.tolist() == [True, False, False]
+    torch.testing.assert_close(gap, torch.tensor([2.0, 0.1, 0.0]))
+
+
+def test_group_advantages_by_hand():
+    adv = rl.group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+
+
+def _rows(k: int, n: int, reward: torch.Tensor) -> dict:
+    return {"input": torch.arange(n).repeat_interleave(k), "task": torch.zeros(n * k, dtype=torch.long),
+            "seed": torch.arange(n).repeat_interleave(k) + 100, "candidate": torch.arange(k).repeat(n),
+            "lq": torch.rand(n * k, 3, 8, 8), "gt": torch.rand(n * k, 3, 8, 8),
+            "states": torch.arange(n * k, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).clone(),
+            "log_probs": torch.zeros(n * k, 2), "reward": reward}
+
+
+def test_learner_batch_rsr_takes_selected_rows_and_skips_nan_groups():
+    cfg = smoke("rl.candidates=2")
+    reward = torch.tensor([1.0, 2.0, float("nan"), 0.0, 3.0, 1.0])
+    batch, stats = rl.learner_batch(_rows(2, 3, reward), cfg)
+    assert stats["skipped"] == 1
+    assert batch["seed"].tolist() == [100, 102]
+    assert batch["states"][:, 0, 0, 0].tolist() == [1.0, 4.0]  # input 0 -> candidate 1; input 2 -> ODE (row 4)
+    assert batch["improved"].tolist() == [True, False]
+    fm, _ = rl.learner_batch(_rows(2, 3, reward), smoke("rl.candidates=2", "rl.objective=fm"))
+    assert set(fm) == {"lq", "gt", "task", "seed"}
+    grpo, _ = rl.learner_batch(_rows(2, 3, reward), smoke("rl.candidates=2", "rl.objective=grpo"))
+    assert len(grpo["seed"]) == 4 and "advantage" in grpo
+
+
+def test_check_rl_config_names_the_keys():
+    with pytest.raises(ValueError, match="rl.nfe >= 2"):
+        rl.check_rl_config(smoke("rl.nfe=1", "rl.candidates=2"))
+    with pytest.raises(ValueError, match="rl.kl_weight"):
+        rl.check_rl_config(smoke("rl.objective=grpo", "rl.kl_weight=0.1"))
+    from fluxir.config import ConfigError
+    with pytest.raises(ConfigError, match="rl: .*stochastic_steps"):
+        smoke("rl.stochastic_steps=[5]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates and objectives on a real (smoke-sized) policy
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def policy_and_codec():
+    cfg = smoke()
+    codec = build_codec(cfg)
+    torch.manual_seed(0)
+    policy = build_policy(cfg, token_channels(codec))
+    with torch.no_grad():  # a non-trivial output so that candidates and losses are not all zero
+        for p in policy.transformer.proj_out.parameters():
+            p.normal_(0, 0.05)
+    return policy, codec
+
+
+def _inputs(n=3, size=16):
+    g = torch.Generator().manual_seed(5)
+    return torch.rand(n, 3, size, size, generator=g), torch.tensor([0, 3, 4][:n]), torch.tensor([11, 22, 33][:n])
+
+
+def test_candidates_ode_row_is_the_plain_ode(policy_and_codec):
+    policy, codec = policy_and_codec
+    cfg = smoke("rl.candidates=3", "rl.nfe=3")
+    lq, task, seeds = _inputs()
+    out = rl.sample_candidates(policy, codec, lq, task, seeds, cfg)
+    assert out["states"].shape[:2] == (9, 4) and out["final"].shape == (9, 3, 16, 16)
+    assert out["candidate"].tolist() == [0, 1, 2] * 3
+    # row 0 of input 1 is exactly the ODE from the same start
+    from fluxir.codec import image_ids, pack
+    from fluxir.data import mix_seed
+    from fluxir.sampling import initial_state
+    lq_tok = pack(codec.encode(lq[1:2]))
+    start = initial_state(lq_tok, cfg.flow, torch.Generator().manual_seed(mix_seed(22, rl.SALT_START)))
+    ode = sample_trajectory(policy, lq_tok, task[1:2], image_ids(16, 16), rl.rl_schedule(cfg), cfg.flow, x_start=start)
+    torch.testing.assert_close(out["states"][3, -1], ode.final[0])
+    assert out["log_probs"][0::3].abs().sum() == 0  # ODE rows carry no log-prob
+    explored = out["log_probs"].view(3, 3, -1)[:, 1:]
+    assert (explored[..., :2] != 0).all() and (explored[..., 2] == 0).all()  # last step is deterministic
+    assert not torch.equal(out["states"][3, -1], out["states"][4, -1])  # exploration changes the result
+    again = rl.sample_candidates(policy, codec, lq, task, seeds, cfg)
+    torch.testing.assert_close(again["states"], out["states"], rtol=0, atol=0)  # seeded per row
+
+
+@pytest.mark.parametrize("objective,k", [("rsr", 3), ("rsr", 1), ("grpo", 3), ("fm", 1)])
+def test_objective_is_finite_and_differentiable(policy_and_codec, objective, k):
+    policy, codec = policy_and_codec
+    cfg = smoke(f"rl.candidates={k}", f"rl.objective={objective}", "rl.nfe=3")
+    lq, task, seeds = _inputs()
+    gt = lq.flip(-1)
+    out = rl.sample_candidates(policy, codec, lq, task, seeds, cfg)
+    rep = lambda x: x.repeat_interleave(k, 0)  # noqa: E731
+    rows = {"input": rep(torch.arange(3)), "task": rep(task), "seed": rep(seeds), "lq": rep(lq), "gt": rep(gt),
+            "reward": -torch.arange(3 * k, dtype=torch.float32) % 5, **out}
+    batch, _ = rl.learner_batch(rows, cfg)
+    per, logs = rl.RLObjective(cfg, codec).per_sample(policy, batch)
+    assert per.shape == (len(batch["seed"]),) and torch.isfinite(per).all()
+    policy.zero_grad()
+    per.mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    if objective == "rsr" and k == 1:
+        assert logs["step"] == 0.0  # no selection without candidates
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrow record batches and Parquet
+# ---------------------------------------------------------------------------------------------
+
+def test_rollouts_roundtrip_through_parquet(tmp_path):
+    n = 4
+    cols = {"input": torch.arange(n), "task": torch.tensor([0, 1, 2, 3]), "seed": torch.arange(n) * 7,
+            "candidate": torch.tensor([0, 1, 0, 1]), "noise_seed": torch.arange(n) + 2**60,
+            "version": torch.full((n,), 3), "lq": torch.rand(n, 3, 8, 8), "gt": torch.rand(n, 3, 8, 8),
+            "final": torch.rand(n, 3, 8, 8), "states": torch.randn(n, 3, 16, 12), "log_probs": torch.randn(n, 2)}
+    batch = to_record_batch(cols, [1.0, 0.5, 0.0], [0, 1, 2])
+    assert batch.schema.field("states").type == pa.fixed_shape_tensor(pa.float32(), [3, 16, 12])
+    scored = with_scores(batch, {"psnr": torch.rand(n), "reward": torch.rand(n)})
+    path = write_parquet([scored, scored], tmp_path / "r" / "iter_00000001.parquet")
+    table = read_parquet(path)
+    assert table.num_rows == 2 * n
+    assert table.schema.field("final").type == pa.fixed_shape_tensor(pa.float32(), [3, 8, 8])
+    assert schedule_of(table) == ([1.0, 0.5, 0.0], [0, 1, 2])
+    back = to_tensors(table.to_batches())
+    for name, value in cols.items():
+        np.testing.assert_array_equal(back[name][:n].numpy(), value.numpy().astype(back[name].numpy().dtype))
+    np.testing.assert_array_equal(column_tensor(table, "reward")[n:].numpy(), column_tensor(scored, "reward").numpy())
+    with pytest.raises(ValueError, match="different row counts"):
+        to_record_batch({"input": torch.arange(2), "task": torch.arange(3)}, [1.0, 0.0], [0, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sets
+# ---------------------------------------------------------------------------------------------
+
+def test_weight_set_verifies_and_refuses_tampering(policy_and_codec):
+    policy, _ = policy_and_codec
+    expected = policy.trainable_state_dict()
+    ws = make_weight_set(expected, version=4)
+    verify_weight_set(ws, expected)
+    tampered = dict(ws.tensors)
+    name = next(iter(tampered))
+    tampered[name] = tampered[name].clone()
+    tampered[name].view(-1)[0] += 1e-3
+    with pytest.raises(WeightSyncError, match="checksum"):
+        verify_weight_set(type(ws)(4, tampered, ws.checksum), expected)
+    partial = {k: v for k, v in ws.tensors.items() if k != name}
+    with pytest.raises(WeightSyncError, match="1 missing"):
+        verify_weight_set(type(ws)(4, partial, ws.checksum), expected)
+    reshaped = {**ws.tensors, name: ws.tensors[name].reshape(-1)}
+    with pytest.raises(WeightSyncError, match=name.replace(".", r"\.")):
+        verify_weight_set(make_weight_set(reshaped, 4), expected)
