@@ -47,7 +47,7 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def _threads(resources: dict[str, float]) -> int:
+def threads_for(resources: dict[str, float]) -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
@@ -174,7 +174,7 @@ class LearnerGroup:
                 name=f"learner-{rank}", num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
                 resources=options or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(config, str(init_dir), rank, self.world, _threads(resources))
+            ).remote(config, str(init_dir), rank, self.world, threads_for(resources))
             for rank in range(self.world)
         ]
         addresses = ray.get([a.address.remote() for a in self.actors])

@@ -25,7 +25,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from actors.learner import LearnerGroup
+from actors.learner import LearnerGroup, threads_for
 from actors.runtime import init_ray
 from actors.tracking import RLMetrics, Tracker
 
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "controller.json"
 LEARNER_TAG = "learner"
 RESTART_WAIT_S = 120.0
-
-
-def _threads(resources: dict[str, float]) -> int:
-    return max(1, int(resources.get("CPU", 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,9 +150,9 @@ class RLSystem:
         rl = cfg.rl
         check_resources(cfg, ray.cluster_resources())
         self.rollouts = [self._actor(RolloutActor, f"rollout-{i}", rl.rollout_resources, config, str(init_dir), i,
-                                     _threads(rl.rollout_resources)) for i in range(rl.num_rollout_actors)]
+                                     threads_for(rl.rollout_resources)) for i in range(rl.num_rollout_actors)]
         self.rewards = [self._actor(RewardWorker, f"reward-{i}", rl.reward_resources, config,
-                                    _threads(rl.reward_resources)) for i in range(rl.num_reward_workers)]
+                                    threads_for(rl.reward_resources)) for i in range(rl.num_reward_workers)]
         self.learners = LearnerGroup(cfg, init_dir)
         ray.get([a.ping.remote() for a in self.rollouts + self.rewards])
         self.weights_ref = None
@@ -291,7 +287,7 @@ def save_checkpoint(system: RLSystem, root: Path, state: dict, keep: int) -> Pat
     tmp.mkdir(parents=True)
     try:
         system.learners.save_checkpoint(tmp, LEARNER_TAG)
-        rng = {"python": random.getstate()[1][:625], "numpy": np.random.get_state()[1].tolist()}
+        rng = _rng_state()
         with open(tmp / STATE_FILE, "w") as f:
             json.dump({**state, "rng": rng}, f)
             f.flush()
@@ -307,6 +303,24 @@ def save_checkpoint(system: RLSystem, root: Path, state: dict, keep: int) -> Pat
     return final
 
 
+def _rng_state() -> dict:
+    """The driver's RNG states (sampling itself is seeded per row; these cover anything else)."""
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def _set_rng_state(rng: dict) -> None:
+    import torch
+
+    random.setstate((3, tuple(rng["python"]), None))
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+
+
 def load_latest(system: RLSystem, root: Path) -> dict | None:
     """Restore the learners from the latest complete checkpoint; its controller state, or None."""
     for stale in root.glob(".tmp-iter_*"):
@@ -318,7 +332,7 @@ def load_latest(system: RLSystem, root: Path) -> dict | None:
     latest = done[-1]
     system.learners.load_checkpoint(latest, LEARNER_TAG)
     state = json.loads((latest / STATE_FILE).read_text())
-    state.pop("rng", None)
+    _set_rng_state(state.pop("rng"))
     log.info("resumed stage from %s (iteration %d, policy v%d)", latest, state["iteration"], state["version"])
     return state
 
@@ -340,7 +354,7 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
 
     `on_issued(system)` is called each iteration right after the rollouts were issued (fault tests).
     """
-    from fluxir.rl import check_rl_config, learner_batch
+    from fluxir.rl import check_rl_config, learner_batch, reseeded
     from fluxir.rl import init_dir as default_init
     from fluxir.rollouts import to_tensors, write_parquet
 
@@ -370,7 +384,8 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
                 batches, faults = system.rollout_and_score(inputs, it * cfg.rl.batch_size, on_issued)
                 batch, sel = learner_batch(to_tensors(batches), cfg)
             t_learn = time.perf_counter()
-            logs = system.learners.update(batch, it)
+            for update in range(cfg.rl.updates_per_rollout):
+                logs = system.learners.update(reseeded(batch, update), it)
             t_sync = time.perf_counter()
             sent = system.sync(state["version"] + 1)
             t_end = time.perf_counter()

@@ -170,6 +170,7 @@ class RLConfig(Strict):
     rho: float = Field(1.0, ge=0, le=1)
     stochastic_steps: list[int] | None = None  # step indices explored (default: all but the last)
     keep_states: list[int] | None = None  # schedule indices stored per trajectory (default: all)
+    updates_per_rollout: int = Field(1, ge=1)  # learner steps per rollout batch (fresh states/noise each)
     margin: float = Field(0.0, ge=0)  # rsr: best must beat the ODE candidate's reward by this
     step_weight: float = Field(1.0, ge=0)  # rsr: next-state regression (velocity units)
     x0_weight: float = Field(1.0, ge=0)  # rsr: x0_hat -> GT

@@ -194,6 +194,13 @@ def learner_batch(rows: dict[str, torch.Tensor], cfg: Config) -> tuple[dict[str,
     return batch, stats
 
 
+def reseeded(batch: dict[str, torch.Tensor], update: int) -> dict[str, torch.Tensor]:
+    """The batch for the `update`-th learner step on one rollout: other state pairs and anchor noise."""
+    if update == 0:
+        return batch
+    return {**batch, "seed": torch.tensor([mix_seed(int(s), update) for s in batch["seed"].tolist()])}
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss terms on tensors (checked by hand in the tests)
 # ---------------------------------------------------------------------------------------------
