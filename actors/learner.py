@@ -177,13 +177,21 @@ class LearnerGroup:
             ).remote(config, str(init_dir), rank, self.world, threads_for(resources))
             for rank in range(self.world)
         ]
+        try:
+            self.facts = self._rendezvous(cfg)
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("learner group: %d rank(s), %s", self.world, self.facts[0])
+
+    def _rendezvous(self, cfg) -> list[dict]:
+        """Rank 0 hosts the process group; every rank builds its engine."""
         addresses = ray.get([a.address.remote() for a in self.actors])
         master, port, _ = addresses[0]
         nodes = [node for _, _, node in addresses]
         local_ranks = [nodes[:rank].count(node) for rank, node in enumerate(nodes)]
         ds_config = learner_ds_config(cfg, self.world)
-        self.facts = ray.get([a.setup.remote(master, port, lr, ds_config) for a, lr in zip(self.actors, local_ranks)])
-        log.info("learner group: %d rank(s), %s", self.world, self.facts[0])
+        return ray.get([a.setup.remote(master, port, lr, ds_config) for a, lr in zip(self.actors, local_ranks)])
 
     def _all(self, method: str, *args):
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])

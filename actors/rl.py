@@ -153,8 +153,13 @@ class RLSystem:
                                      threads_for(rl.rollout_resources)) for i in range(rl.num_rollout_actors)]
         self.rewards = [self._actor(RewardWorker, f"reward-{i}", rl.reward_resources, config,
                                     threads_for(rl.reward_resources)) for i in range(rl.num_reward_workers)]
-        self.learners = LearnerGroup(cfg, init_dir)
-        ray.get([a.ping.remote() for a in self.rollouts + self.rewards])
+        self.learners = None
+        try:
+            self.learners = LearnerGroup(cfg, init_dir)
+            ray.get([a.ping.remote() for a in self.rollouts + self.rewards])
+        except BaseException:
+            self.shutdown()  # nothing half-started keeps holding the cluster's resources
+            raise
         self.weights_ref = None
         self.version = 0
         self.restarts = 0
@@ -265,7 +270,8 @@ class RLSystem:
         raise RuntimeError(f"reward-{i % len(self.rewards)} failed {self.cfg.rl.max_restarts + 2} times on one shard")
 
     def shutdown(self) -> None:
-        self.learners.shutdown()
+        if self.learners is not None:
+            self.learners.shutdown()
         for actor in self.rollouts + self.rewards:
             ray.kill(actor, no_restart=True)
 
@@ -354,9 +360,8 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
 
     `on_issued(system)` is called each iteration right after the rollouts were issued (fault tests).
     """
-    from fluxir.rl import check_rl_config, learner_batch, reseeded
+    from fluxir.rl import check_rl_config
     from fluxir.rl import init_dir as default_init
-    from fluxir.rollouts import to_tensors, write_parquet
 
     check_rl_config(cfg)
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
@@ -368,56 +373,74 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
     started = time.perf_counter()
     system = RLSystem(cfg, init_dir)
     startup_s = time.perf_counter() - started
-    stream, ckpt_root = rl_stream(cfg), stage_dir / "checkpoints"
-    state = load_latest(system, ckpt_root) or {"iteration": 0, "version": 0, "loop_seconds": 0.0, "history": []}
-    system.sync(state["version"])
-    metrics, tracker = RLMetrics(stage), Tracker(cfg, stage, stage_dir)
-    bar = _progress(cfg, state["iteration"], stage) if show_progress else None
+    tracker, bar = None, None
     try:
+        ckpt_root = stage_dir / "checkpoints"
+        state = load_latest(system, ckpt_root) or {"iteration": 0, "version": 0, "loop_seconds": 0.0, "history": []}
+        system.sync(state["version"])
+        stream, metrics, tracker = rl_stream(cfg), RLMetrics(stage), Tracker(cfg, stage, stage_dir)
+        bar = _progress(cfg, state["iteration"], stage) if show_progress else None
         while state["iteration"] < cfg.rl.iterations and not _out_of_time(cfg, state):
-            t_iter = time.perf_counter()
-            it = state["iteration"]
-            inputs = stream.batch(it)
-            if cfg.rl.objective == "fm":  # the control: flow matching on the same stream, no rollouts
-                batches, faults, sel, batch = [], {}, {}, inputs
-            else:
-                batches, faults = system.rollout_and_score(inputs, it * cfg.rl.batch_size, on_issued)
-                batch, sel = learner_batch(to_tensors(batches), cfg)
-            t_learn = time.perf_counter()
-            for update in range(cfg.rl.updates_per_rollout):
-                logs = system.learners.update(reseeded(batch, update), it)
-            t_sync = time.perf_counter()
-            sent = system.sync(state["version"] + 1)
-            t_end = time.perf_counter()
-            if write_rollouts and batches:
-                write_parquet(batches, stage_dir / "rollouts" / f"iter_{it:08d}.parquet")
-            record = {"iteration": it + 1, "version": system.version, **sel, **logs, **faults,
-                      "rollouts": sum(b.num_rows for b in batches), "learn_s": t_sync - t_learn, "sync_s": t_end - t_sync,
-                      "sync_bytes": sent, "iteration_s": time.perf_counter() - t_iter, "restarts": system.restarts}
-            state = {**state, "iteration": it + 1, "version": system.version,
+            record = _iteration(cfg, system, stream, state["iteration"], on_issued,
+                                stage_dir / "rollouts" if write_rollouts else None)
+            state = {**state, "iteration": record["iteration"], "version": system.version,
                      "loop_seconds": state["loop_seconds"] + record["iteration_s"],
                      "history": state["history"] + [record]}
             metrics.record(record)
-            tracker.log(record, step=it + 1)
+            tracker.log(record, step=record["iteration"])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.3f}", gap=f"{sel.get('gap', 0.0):.3f}", v=system.version)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", gap=f"{record.get('gap', 0.0):.3f}", v=system.version)
             if state["iteration"] % cfg.rl.checkpoint_every == 0:
                 save_checkpoint(system, ckpt_root, state, cfg.rl.keep_checkpoints)
-        if not _checkpoints(ckpt_root) or _checkpoints(ckpt_root)[-1].name != f"iter_{state['iteration']:08d}":
-            save_checkpoint(system, ckpt_root, state, cfg.rl.keep_checkpoints)
-        model_dir = stage_dir / "model"
-        system.learners.save_policy(model_dir, {"stage": stage, "version": state["version"],
-                                                "iterations": state["iteration"], "objective": cfg.rl.objective})
-        (stage_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+        model_dir = _finish(cfg, system, stage, stage_dir, state)
     finally:
         if bar is not None:
             bar.close()
-        tracker.finish()
+        if tracker is not None:
+            tracker.finish()
         system.shutdown()
     return {"model_dir": str(model_dir), "iterations": state["iteration"], "version": state["version"],
             "loop_seconds": state["loop_seconds"], "startup_seconds": startup_s,
             "seconds": time.perf_counter() - started, "history": state["history"]}
+
+
+def _iteration(cfg, system: RLSystem, stream, it: int, on_issued, rollout_dir: Path | None) -> dict:
+    """rollout → reward → update(s) → sync for data cursor `it`; the iteration's record."""
+    from fluxir.rl import learner_batch, reseeded
+    from fluxir.rollouts import to_tensors, write_parquet
+
+    t_iter = time.perf_counter()
+    inputs = stream.batch(it)
+    if cfg.rl.objective == "fm":  # the control: flow matching on the same stream, no rollouts
+        batches, faults, sel, batch = [], {}, {}, inputs
+    else:
+        batches, faults = system.rollout_and_score(inputs, it * cfg.rl.batch_size, on_issued)
+        batch, sel = learner_batch(to_tensors(batches), cfg)
+    t_learn = time.perf_counter()
+    for update in range(cfg.rl.updates_per_rollout):
+        logs = system.learners.update(reseeded(batch, update), it)
+    t_sync = time.perf_counter()
+    sent = system.sync(system.version + 1)
+    t_end = time.perf_counter()
+    if rollout_dir is not None and batches:
+        write_parquet(batches, rollout_dir / f"iter_{it:08d}.parquet")
+    return {"iteration": it + 1, "version": system.version, **sel, **logs, **faults,
+            "rollouts": sum(b.num_rows for b in batches), "learn_s": t_sync - t_learn, "sync_s": t_end - t_sync,
+            "sync_bytes": sent, "iteration_s": time.perf_counter() - t_iter, "restarts": system.restarts}
+
+
+def _finish(cfg, system: RLSystem, stage: str, stage_dir: Path, state: dict) -> Path:
+    """Final checkpoint (unless the last iteration just wrote one), the policy and the history."""
+    ckpt_root = stage_dir / "checkpoints"
+    done = _checkpoints(ckpt_root)
+    if not done or done[-1].name != f"iter_{state['iteration']:08d}":
+        save_checkpoint(system, ckpt_root, state, cfg.rl.keep_checkpoints)
+    model_dir = stage_dir / "model"
+    system.learners.save_policy(model_dir, {"stage": stage, "version": state["version"],
+                                            "iterations": state["iteration"], "objective": cfg.rl.objective})
+    (stage_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+    return model_dir
 
 
 def _out_of_time(cfg, state: dict) -> bool:
