@@ -111,7 +111,8 @@ def main() -> int:
     result = {"command": "python benchmarks/rl_throughput.py " + " ".join(sys.argv[1:]), "machine": machine(),
               "config": {"name": cfg.name, "batch_size": cfg.rl.batch_size, "candidates": cfg.rl.candidates,
                          "nfe": cfg.rl.nfe, "rollout_actors": cfg.rl.num_rollout_actors,
-                         "reward_workers": cfg.rl.num_reward_workers, "learners": cfg.rl.num_learners},
+                         "reward_workers": cfg.rl.num_reward_workers, "learners": cfg.rl.num_learners,
+                         "zero_stage": cfg.rl.zero_stage, "updates_per_rollout": cfg.rl.updates_per_rollout},
               "single_process": single, "ray": ray_,
               "ray_over_single": ray_["trajectories_per_s"] / single["trajectories_per_s"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
