@@ -17,7 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.train import _import_deepspeed, load_ds_config
+from actors.train import _import_deepspeed, full_parameters, load_ds_config
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +121,14 @@ class LearnerActor:
         return {"loss": float(stats[0] / max(stats[1], 1)), **logs}
 
     def get_weights(self):
-        """Trainable tensors (gathered under ZeRO-3); rank 0 returns them, other ranks None."""
+        """Trainable tensors as fp32 CPU copies (gathered under ZeRO-3); rank 0 returns them, others None."""
         import torch
 
-        module = self.engine.module
-        if self.engine.zero_optimization_stage() == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.clone() for k, v in module.trainable_state_dict().items()}
-        else:
-            state = module.trainable_state_dict()
-        if self.rank != 0:
-            return None
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}  # fp32 on the wire
+        with full_parameters(self.engine):
+            if self.rank != 0:
+                return None
+            return {k: v.detach().to("cpu", torch.float32).clone()
+                    for k, v in self.engine.module.trainable_state_dict().items()}
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
         self.engine.save_checkpoint(directory, tag=tag)
@@ -147,15 +141,15 @@ class LearnerActor:
     def save_policy(self, directory: str, extra: dict) -> None:
         from fluxir.policy import save_policy
 
-        module = self.engine.module
-        if self.engine.zero_optimization_stage() == 3:
-            import deepspeed
+        with full_parameters(self.engine):
+            if self.rank == 0:
+                save_policy(self.engine.module, directory, self.cfg, extra=extra)
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                if self.rank == 0:
-                    save_policy(module, directory, self.cfg, extra=extra)
-        elif self.rank == 0:
-            save_policy(module, directory, self.cfg, extra=extra)
+
+def actor_options(resources: dict[str, float]) -> dict:
+    """Ray actor options for a resource dict such as {"CPU": 0.5} or {"CPU": 4, "GPU": 1, "custom": 1}."""
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0), "resources": custom or None}
 
 
 class LearnerGroup:
@@ -168,11 +162,9 @@ class LearnerGroup:
         self.pg = placement_group([resources] * self.world, strategy="PACK", name=f"{cfg.name}-learners")
         ray.get(self.pg.ready(), timeout=ready_timeout_s)
         config = cfg.model_dump(mode="json")
-        options = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
         self.actors = [
             LearnerActor.options(
-                name=f"learner-{rank}", num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
-                resources=options or None,
+                name=f"learner-{rank}", **actor_options(resources),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
             ).remote(config, str(init_dir), rank, self.world, threads_for(resources))
             for rank in range(self.world)

@@ -25,7 +25,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from actors.learner import LearnerGroup, threads_for
+from actors.learner import LearnerGroup, actor_options, threads_for
 from actors.runtime import init_ray
 from actors.tracking import RLMetrics, Tracker
 
@@ -165,9 +165,7 @@ class RLSystem:
         self.restarts = 0
 
     def _actor(self, cls, name, resources, *args):
-        extra = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
-        return cls.options(name=name, num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
-                           resources=extra or None, max_restarts=self.cfg.rl.max_restarts,
+        return cls.options(name=name, **actor_options(resources), max_restarts=self.cfg.rl.max_restarts,
                            max_task_retries=0).remote(*args)
 
     # --- weight sync ---------------------------------------------------------------------------
@@ -184,16 +182,7 @@ class RLSystem:
 
     def _push_weights(self, i: int, sent=None) -> None:
         """Make sure rollout-i holds the current weights (waiting out a restart)."""
-        deadline = time.monotonic() + RESTART_WAIT_S
-        while True:
-            try:
-                ray.get(sent or self.rollouts[i].set_weights.remote(self.weights_ref), timeout=RESTART_WAIT_S)
-                return
-            except (RayActorError, GetTimeoutError) as err:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"rollout-{i} did not come back within {RESTART_WAIT_S:.0f} s: {err}") from err
-                sent = None
-                time.sleep(0.5)
+        self._until_back(f"rollout-{i}", lambda: self.rollouts[i].set_weights.remote(self.weights_ref), sent)
 
     def _recover_rollout(self, i: int) -> None:
         """Wait for a restarted rollout actor, then give it the current weights."""
@@ -201,15 +190,18 @@ class RLSystem:
         log.warning("rollout-%d died; waiting for its restart and re-syncing weights v%d", i, self.version)
         self._push_weights(i)
 
-    def _wait_alive(self, actor, name: str) -> None:
+    @staticmethod
+    def _until_back(name: str, call, first=None):
+        """ray.get(call()) retried while the actor restarts, for up to RESTART_WAIT_S; `first`: a ref already sent."""
         deadline = time.monotonic() + RESTART_WAIT_S
+        ref = first
         while True:
             try:
-                ray.get(actor.ping.remote(), timeout=RESTART_WAIT_S)
-                return
+                return ray.get(ref if ref is not None else call(), timeout=RESTART_WAIT_S)
             except (RayActorError, GetTimeoutError) as err:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not come back within {RESTART_WAIT_S:.0f} s: {err}") from err
+                ref = None
                 time.sleep(0.5)
 
     # --- one iteration's rollouts and rewards ----------------------------------------------------
@@ -264,7 +256,7 @@ class RLSystem:
             except RayActorError:
                 name = f"reward-{i % len(self.rewards)}"
                 log.warning("%s died; re-scoring shard %d", name, i)
-                self._wait_alive(self.rewards[i % len(self.rewards)], name)
+                self._until_back(name, self.rewards[i % len(self.rewards)].ping.remote)
                 counters["reissued"] += 1
                 scored[i] = self._score(i, roll[i])
         raise RuntimeError(f"reward-{i % len(self.rewards)} failed {self.cfg.rl.max_restarts + 2} times on one shard")

@@ -6,6 +6,7 @@ which merges the ranks' directories into one; a rerun with the same run_dir/name
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -195,16 +196,20 @@ def train_worker(cfg: dict[str, Any]) -> None:
     _save_model(recipe, engine, rank, cfg["model_dir"])
 
 
-def _save_model(recipe, engine, rank: int, directory: str) -> None:
-    """Rank 0 hands the unwrapped module to the recipe; under ZeRO-3 all ranks first gather it."""
+def full_parameters(engine):
+    """A block in which every rank holds the full parameters: gathered under ZeRO-3, else as they are."""
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            if rank == 0:
-                recipe.save_model(engine.module, directory)
-    elif rank == 0:
-        recipe.save_model(engine.module, directory)
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _save_model(recipe, engine, rank: int, directory: str) -> None:
+    """Rank 0 hands the unwrapped module to the recipe (all ranks join the ZeRO-3 gather)."""
+    with full_parameters(engine):
+        if rank == 0:
+            recipe.save_model(engine.module, directory)
 
 
 # ---------------------------------------------------------------- driver side
