@@ -70,15 +70,20 @@ def check_rl_config(cfg: Config) -> None:
         raise ValueError("rl.kl_weight > 0 needs model.lora.enabled (the reference is the adapter-disabled base)")
 
 
+def row_generator(seed: int, salt: int) -> torch.Generator:
+    """The generator of one row: seeded by (seed, salt)."""
+    return torch.Generator().manual_seed(mix_seed(int(seed), salt))
+
+
 def row_normal(seeds: torch.Tensor, shape: tuple[int, ...], salt: int) -> torch.Tensor:
     """(len(seeds), *shape) standard normals, row i drawn from its own generator (seed_i, salt)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(int(s), salt)))
+    return torch.stack([torch.randn(shape, generator=row_generator(s, salt))
                         for s in seeds.tolist()])
 
 
 def row_uniform_int(seeds: torch.Tensor, high: int, salt: int) -> torch.Tensor:
     """(len(seeds),) integers in [0, high), row i from its own generator."""
-    return torch.tensor([int(torch.randint(high, (1,), generator=torch.Generator().manual_seed(mix_seed(int(s), salt))))
+    return torch.tensor([int(torch.randint(high, (1,), generator=row_generator(s, salt)))
                          for s in seeds.tolist()], dtype=torch.long)
 
 
@@ -97,7 +102,7 @@ def sample_candidates(policy, codec, lq: torch.Tensor, task: torch.Tensor, seeds
     z = codec.encode(lq)
     h, w = z.shape[-2:]
     lq_tok, ids = pack(z), image_ids(h, w)
-    starts = torch.cat([initial_state(lq_tok[i:i + 1], cfg.flow, torch.Generator().manual_seed(mix_seed(int(s), SALT_START)))
+    starts = torch.cat([initial_state(lq_tok[i:i + 1], cfg.flow, row_generator(s, SALT_START))
                         for i, s in enumerate(seeds.tolist())])
     schedule = rl_schedule(cfg)
     ode = sample_trajectory(policy, lq_tok, task, ids, schedule, cfg.flow, x_start=starts)
@@ -278,7 +283,7 @@ class RLObjective:
         seeds, n = batch["seed"], batch["seed"].shape[0]
         z_shape = self.codec.encode(batch["gt"][:1]).shape[1:]
         t = torch.cat([sample_times(1, self.cfg.flow.t_start, self.cfg.pretrain.t_start_fraction,
-                                    torch.Generator().manual_seed(mix_seed(int(s), SALT_FM))) for s in seeds.tolist()])
+                                    row_generator(s, SALT_FM)) for s in seeds.tolist()])
         fm_batch = {**batch, "t": t, "noise": row_normal(seeds, tuple(z_shape), SALT_FM)}
         pred, x0, x1 = flow_matching_prediction(policy, self.codec, self.cfg, fm_batch)
         per = flow_matching_per_sample(pred, x0, x1, self.cfg.model.parametrization, self.cfg.pretrain.loss)
