@@ -53,7 +53,7 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def _evaluate(cfg: Config, policy_dir: Path, nfes, keep_images: bool):
+def _evaluate(cfg: Config, policy_dir: Path, nfes, keep_images: bool, schedules: dict | None = None):
     from tqdm import tqdm
 
     from fluxir.evaluate import evaluate, lpips_or_reason
@@ -61,10 +61,10 @@ def _evaluate(cfg: Config, policy_dir: Path, nfes, keep_images: bool):
     policy, codec = _load_trained(cfg, policy_dir)
     testset = _testset(cfg)
     lpips_net, reason = lpips_or_reason(cfg.eval.lpips)
-    nfes = nfes or cfg.eval.nfe
+    nfes = list(schedules) if schedules else (nfes or cfg.eval.nfe)
     with tqdm(total=len(testset) * len(nfes), desc="eval", unit="task·nfe", file=sys.stdout) as bar:
         result = evaluate(policy, codec, testset, cfg, nfes, lpips_net, keep_images=keep_images,
-                          progress=lambda *_: bar.update())
+                          progress=lambda *_: bar.update(), schedules=schedules)
     result["lpips_reason"] = reason
     return result, testset
 
@@ -87,7 +87,7 @@ def cmd_restore(args) -> int:
 
     from fluxir.data import load_image, save_image
     from fluxir.degradations import TASKS
-    from fluxir.evaluate import restore_set
+    from fluxir.evaluate import eval_schedule, restore_set
     from fluxir.sampling import pad_to_multiple
 
     card = json.loads((Path(args.policy) / "policy.json").read_text())
@@ -98,7 +98,7 @@ def cmd_restore(args) -> int:
     image = load_image(args.input, min_size=8)[None]
     padded, (h, w) = pad_to_multiple(image, max(4, 2 * codec.downsample))
     with torch.no_grad():
-        out = restore_set(policy, codec, padded, args.task, cfg, args.nfe, seed=cfg.seed)
+        out = restore_set(policy, codec, padded, args.task, cfg, eval_schedule(cfg, args.nfe), seed=cfg.seed)
     save_image(out[0, :, :h, :w], args.output)
     print(f"restored {args.input} ({args.task}, NFE {args.nfe}) -> {args.output}")
     return 0
@@ -140,6 +140,77 @@ def _stage1(cfg: Config, command: str, base_eval: dict | None = None) -> tuple[s
     write_json(cfg.run_dir / "rl_eval.json", {"evals": slim, "runs": {s: {k: v for k, v in r.items() if k != "history"}
                                                                       for s, r in runs.items()}})
     return rl_section(slim, runs, command, plot.name), evals
+
+
+def _teacher_evals(cfg: Config, out: dict, known: dict | None) -> tuple[dict, dict]:
+    """The teacher on uniform schedules (its quality-vs-NFE curve and every budget) and on the cost-DP
+    schedules; NFEs already in `known` (the same policy on uniform times) are not evaluated again."""
+    from fluxir.evaluate import merge_evals, select_nfes
+    from fluxir.flow import uniform_schedule
+
+    d, shared = cfg.distill, out["shared"]
+    teacher = Path(shared["teacher_dir"])
+    nfes = sorted(set(d.curve_nfe) | set(d.budgets) | {d.teacher_nfe})
+    have = [n for n in (known or {}).get("nfe", []) if n in nfes and known["schedules"][n] == uniform_schedule(n, cfg.flow.t_start)]
+    todo = {n: uniform_schedule(n, cfg.flow.t_start) for n in nfes if n not in have}
+    parts = ([select_nfes(known, have)] if have else []) + ([_evaluate(cfg, teacher, None, False, todo)[0]] if todo else [])
+    curve = merge_evals(*parts)
+    dp = shared["schedules"]["cost_dp"]
+    differ = {k: dp[k] for k in d.budgets if dp[k] != curve["schedules"][k]}
+    same = [k for k in d.budgets if k not in differ]
+    parts = ([select_nfes(curve, same)] if same else []) + ([_evaluate(cfg, teacher, None, False, differ)[0]] if differ else [])
+    return curve, merge_evals(*parts)
+
+
+def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None) -> tuple[str, dict]:
+    """Run stage 2 (one student per budget on Ray Tune) and evaluate teacher, cost-DP times and students."""
+    from actors.distill import run_distill
+    from fluxir.report import distill_section, write_json
+
+    out = run_distill(cfg)
+    teacher, cost_dp = _teacher_evals(cfg, out, known_teacher_eval)
+    students = {k: _evaluate(cfg, Path(row["model_dir"]), None, False, {k: row["schedule"]})[0]
+                for k, row in out["best"].items()}
+    evals = {"teacher": teacher, "cost_dp": cost_dp, "students": students}
+    write_json(cfg.run_dir / "distill.json", {"evals": evals, "schedules": out["shared"]["schedules"],
+                                              "students": {k: {key: v for key, v in row.items() if key != "checkpoint"}
+                                                           for k, row in out["best"].items()}})
+    return distill_section(evals, out, cfg, command), evals
+
+
+def cmd_distill(args) -> int:
+    from fluxir.report import write_report
+
+    cfg = _config(args)
+    command = "fluxir distill " + " ".join([args.config, *args.overrides])
+    section, _ = _stage2(cfg, command)
+    report = write_report(cfg.run_dir, [section], name="distill_report.md")
+    print(section)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from actors.distill import run_sweep
+    from fluxir.config import load_sweep
+    from fluxir.report import sweep_section, write_json, write_pareto_plot, write_report
+
+    cfg = _config(args)
+    sweep = load_sweep(args.sweep or cfg.distill.sweep)
+    command = "fluxir sweep " + " ".join([args.config, *args.overrides] + (["--sweep", args.sweep] if args.sweep else []))
+    start = time.perf_counter()
+    out = run_sweep(cfg, sweep, resume=args.resume)
+    out["seconds"] = time.perf_counter() - start
+    evals = {k: _evaluate(cfg, Path(row["model_dir"]), None, False, {k: row["schedule"]})[0]
+             for k, row in out["best"].items()}
+    plot = write_pareto_plot(cfg.run_dir / "sweep_pareto.png", out["rows"], sweep.metric)
+    section = sweep_section(out, evals, sweep, command, plot.name)
+    write_json(cfg.run_dir / "sweep.json", {"rows": out["rows"], "evals": evals, "seconds": out["seconds"],
+                                            "trials": out["trials"], "errored": out["errored"]})
+    report = write_report(cfg.run_dir, [section], name="sweep_report.md")
+    print(section)
+    print(f"report: {report}")
+    return 0
 
 
 def cmd_rl(args) -> int:
@@ -216,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rl", help="stage 1: RL on Ray (rollout actors, reward workers, DeepSpeed learners)")
     _add_config(p)
     p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("distill", help="stage 2: cost-aware distillation, one student per step budget (Ray Tune)")
+    _add_config(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("sweep", help="stage 2 search: Ray Tune + ASHA over budget, schedule, loss weights, lr")
+    _add_config(p)
+    p.add_argument("--sweep", help="sweep YAML (default: distill.sweep, configs/sweeps/distill.yaml)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (Tuner.restore)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="per-task PSNR/SSIM(/LPIPS) on the frozen test set")
     _add_config(p)

@@ -208,6 +208,36 @@ class RLConfig(Strict):
         return self
 
 
+class DistillConfig(Strict):
+    """Stage 2: cost-aware trajectory distillation (DESIGN.md §7); one student per step budget."""
+    teacher: str | None = None  # policy folder (default: <run>/rl/model if present, else <run>/pretrain/model)
+    teacher_nfe: int = Field(20, ge=2)  # N: the teacher's uniform ODE grid
+    calibration_size: int = Field(256, ge=1)  # training crops the teacher trajectories are stored for
+    validation_size: int = Field(64, ge=1)  # held-out crops (own seed) for trial metrics and ASHA
+    budgets: list[int] = [1, 2, 4]
+    schedule: Literal["uniform", "cost_dp", "learned"] = "cost_dp"
+    steps: int = Field(200, ge=1)  # student updates per budget
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    teacher_weight: float = Field(1.0, ge=0)  # each jump's end onto the teacher's state at that time
+    gt_weight: float = Field(0.5, ge=0)  # the final state onto GT
+    loss: Literal["mse", "log_mse"] = "log_mse"
+    schedule_lr: float = Field(0.02, gt=0)  # learned schedule: lr of its softmax logits
+    eval_every: int = Field(50, ge=1)  # validation (and trial report/checkpoint) period in steps
+    curve_nfe: list[int] = [1, 2, 4, 8]  # the teacher's quality-vs-NFE curve (plus teacher_nfe)
+    trial_resources: dict[str, float] = {"CPU": 1}
+    max_concurrent: int = Field(2, ge=1)
+    sweep: str = "configs/sweeps/distill.yaml"
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if not self.budgets or any(not 1 <= k <= self.teacher_nfe for k in self.budgets):
+            raise ValueError(f"budgets {self.budgets} must be step counts in [1, teacher_nfe={self.teacher_nfe}]")
+        if self.teacher_weight == self.gt_weight == 0:
+            raise ValueError("teacher_weight and gt_weight cannot both be 0")
+        return self
+
+
 class RayConfig(Strict):
     address: str | None = None  # None: a local instance bound to 127.0.0.1
     num_cpus: int | None = None
@@ -232,6 +262,7 @@ class Config(Strict):
     pretrain: PretrainConfig = PretrainConfig()
     eval: EvalConfig = EvalConfig()
     rl: RLConfig = RLConfig()
+    distill: DistillConfig = DistillConfig()
     ray: RayConfig = RayConfig()
     wandb: WandbConfig = WandbConfig()
 
@@ -244,6 +275,51 @@ class Config(Strict):
         if self.data.testset_dir:
             return Path(self.data.testset_dir)
         return Path(self.output_dir) / f"testset-{self.data.test_crop}-{self.data.test_scale:g}"
+
+
+class AshaConfig(Strict):
+    grace_period: int = Field(50, ge=1)  # steps every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepConfig(Strict):
+    """A Ray Tune sweep over stage-2 students (`fluxir sweep`; configs/sweeps/distill.yaml).
+
+    `space` keys are `distill` keys (budget is required); values are fixed, or one of
+    `{grid: [...]}`, `{choice: [...]}`, `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`.
+    """
+    metric: Literal["psnr", "ssim", "lpips", "psnr_gain", "lpips_gain"] = "psnr_gain"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, ge=1)
+    steps: int = Field(200, ge=1)
+    eval_every: int = Field(25, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)  # default: distill.max_concurrent
+    asha: AshaConfig | None = AshaConfig()
+    space: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepConfig":
+        allowed = {"budget", "schedule", "lr", "teacher_weight", "gt_weight", "batch_size", "loss", "schedule_lr"}
+        unknown = set(self.space) - allowed
+        if unknown or "budget" not in self.space:
+            raise ValueError(f"space keys must include budget and come from {sorted(allowed)}; unknown: "
+                             f"{sorted(unknown)}")
+        if (self.metric == "lpips") != (self.mode == "min"):
+            raise ValueError(f"metric {self.metric} is optimised with mode "
+                             f"{'min' if self.metric == 'lpips' else 'max'}, not {self.mode}")
+        return self
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        return SweepConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except ValidationError as err:
+        raise ConfigError(f"invalid sweep ({path}): {_describe(err)}") from None
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:

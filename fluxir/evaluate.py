@@ -30,8 +30,12 @@ def score(pred, gt, convention, lpips_net) -> dict[str, float]:
     return {k: float(v.double().mean()) for k, v in m.items()}
 
 
-def restore_set(policy, codec, lq, task_name, cfg, nfe: int, seed: int) -> torch.Tensor:
-    schedule = make_schedule(cfg.eval.schedule, nfe, cfg.flow.t_start, cfg.eval.shift)
+def eval_schedule(cfg, nfe: int) -> list[float]:
+    """The configured evaluation schedule (`eval.schedule`) with `nfe` steps."""
+    return make_schedule(cfg.eval.schedule, nfe, cfg.flow.t_start, cfg.eval.shift)
+
+
+def restore_set(policy, codec, lq, task_name, cfg, schedule: list[float], seed: int) -> torch.Tensor:
     task = torch.full((lq.shape[0],), TASKS.index(task_name), dtype=torch.long)
     tile = cfg.eval.tile or cfg.data.crop
     outs = [restore_tiled(policy, codec, lq[i:i + cfg.eval.batch_size], task[i:i + cfg.eval.batch_size],
@@ -42,22 +46,25 @@ def restore_set(policy, codec, lq, task_name, cfg, nfe: int, seed: int) -> torch
 
 @torch.no_grad()
 def evaluate(policy, codec, testset: dict, cfg, nfes: list[int] | None = None, lpips_net=None,
-             keep_images: bool = False, progress=None) -> dict:
+             keep_images: bool = False, progress=None, schedules: dict[int, list[float]] | None = None) -> dict:
     """Returns {"convention": str, "tasks": {task: {"lq": metrics, "nfe": {n: metrics}}}, "seconds": ...}.
 
     testset: {task: {"lq": (N, 3, H, W), "gt": (N, 3, H, W), "names": [...]}} in [0, 1].
+    `schedules` ({nfe: times}) replaces the configured schedule kind (searched or learned schedules).
     """
     policy.eval()
     convention = MetricConvention(crop_border=cfg.eval.crop_border, test_y_channel=cfg.eval.test_y_channel)
-    nfes = nfes or cfg.eval.nfe
-    result = {"convention": convention.describe(), "nfe": list(nfes), "tasks": {}, "images": {}}
+    nfes = list(schedules) if schedules else (nfes or cfg.eval.nfe)
+    schedules = schedules or {n: eval_schedule(cfg, n) for n in nfes}
+    result = {"convention": convention.describe(), "nfe": list(nfes), "tasks": {}, "images": {},
+              "schedules": {n: schedules[n] for n in nfes}}
     start = time.perf_counter()
     for task_name, pairs in testset.items():
         lq, gt = pairs["lq"], pairs["gt"]
         entry = {"lq": score(lq, gt, convention, lpips_net), "nfe": {}, "count": int(lq.shape[0])}
         for n in nfes:
             t0 = time.perf_counter()
-            out = restore_set(policy, codec, lq, task_name, cfg, n, seed=cfg.seed)
+            out = restore_set(policy, codec, lq, task_name, cfg, schedules[n], seed=cfg.seed)
             entry["nfe"][n] = score(out, gt, convention, lpips_net)
             entry["nfe"][n]["sec_per_image"] = (time.perf_counter() - t0) / lq.shape[0]
             if keep_images:
@@ -73,3 +80,29 @@ def mean_over_tasks(result: dict, metric: str, nfe: int | None) -> float:
     """The unweighted mean over tasks of a metric, at an NFE (None: the LQ input)."""
     vals = [e["lq"][metric] if nfe is None else e["nfe"][nfe][metric] for e in result["tasks"].values()]
     return sum(vals) / len(vals)
+
+
+def merge_evals(*results: dict) -> dict:
+    """One result holding the NFEs of several `evaluate` results of the same policy and test set
+    (a later result's NFE replaces an earlier one's)."""
+    merged = {"convention": results[0]["convention"], "nfe": [], "tasks": {}, "images": {}, "schedules": {},
+              "seconds": 0.0}
+    for res in results:
+        merged["nfe"] = sorted(set(merged["nfe"]) | set(res["nfe"]))
+        merged["schedules"].update({n: res["schedules"][n] for n in res["nfe"]})
+        merged["seconds"] += res.get("seconds", 0.0)
+        for task, entry in res["tasks"].items():
+            into = merged["tasks"].setdefault(task, {"lq": entry["lq"], "nfe": {}, "count": entry["count"]})
+            into["nfe"].update({n: entry["nfe"][n] for n in res["nfe"]})
+    return merged
+
+
+def select_nfes(result: dict, nfes: list[int]) -> dict:
+    """The part of an `evaluate` result at `nfes` (each must be present)."""
+    missing = [n for n in nfes if n not in result["nfe"]]
+    if missing:
+        raise KeyError(f"NFE {missing} not in this evaluation (has {result['nfe']})")
+    return {"convention": result["convention"], "nfe": list(nfes), "images": {}, "seconds": 0.0,
+            "schedules": {n: result["schedules"][n] for n in nfes},
+            "tasks": {t: {"lq": e["lq"], "count": e["count"], "nfe": {n: e["nfe"][n] for n in nfes}}
+                      for t, e in result["tasks"].items()}}

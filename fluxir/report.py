@@ -174,3 +174,148 @@ def rl_section(evals: dict[str, dict], runs: dict[str, dict], command: str, plot
     if plot:
         parts.append(f"![reward gap]({plot})")
     return "\n\n".join(parts)
+
+
+# --- stage 2: distillation and the sweep ----------------------------------------------------------
+
+def mean_metrics(result: dict, nfe: int) -> dict[str, float]:
+    """Means over tasks at `nfe` of every metric present (and seconds per image)."""
+    keys = [*_metrics_present(result), "sec_per_image"]
+    tasks = list(result["tasks"].values())
+    return {k: sum(e["nfe"][nfe][k] for e in tasks) / len(tasks) for k in keys}
+
+
+def _fmt(m: dict | None, key: str) -> str:
+    return METRIC_FORMAT[key].format(m[key]) if m and key in m else "–"
+
+
+def _cells(m: dict | None, metrics: list[str]) -> list[str]:
+    return [_fmt(m, k) for k in metrics]
+
+
+def teacher_curve_table(teacher: dict) -> str:
+    """The teacher's uniform-ODE quality at each NFE (means over tasks)."""
+    metrics = _metrics_present(teacher)
+    lines = ["| NFE | " + " | ".join(k.upper() for k in metrics) + " | s/image |",
+             "|---:|" + "---:|" * (len(metrics) + 1)]
+    for n in teacher["nfe"]:
+        m = mean_metrics(teacher, n)
+        lines.append(f"| {n} | " + " | ".join(_cells(m, metrics)) + f" | {m['sec_per_image']:.4f} |")
+    return "\n".join(lines)
+
+
+def budget_table(evals: dict, budgets: list[int], teacher_nfe: int) -> str:
+    """Per budget K: the teacher on the uniform and cost-DP schedules (no distillation), and the student."""
+    metrics = _metrics_present(evals["teacher"])
+    cols = [("uniform", lambda k: evals["teacher"] if k in evals["teacher"]["nfe"] else None),
+            ("cost-DP", lambda k: evals["cost_dp"]), ("student", lambda k: evals["students"].get(k))]
+    head = " | ".join(f"{name} {m.upper()}" for name, _ in cols for m in metrics)
+    lines = [f"| K | {head} |", "|---:|" + "---:|" * (len(cols) * len(metrics))]
+    for k in budgets:
+        cells = []
+        for _, pick in cols:
+            res = pick(k)
+            cells += _cells(mean_metrics(res, k) if res and k in res["nfe"] else None, metrics)
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    t = mean_metrics(evals["teacher"], teacher_nfe)
+    lines.append(f"| teacher N={teacher_nfe} | " + " | ".join(_cells(t, metrics)) + " |"
+                 + " |" * (len(cols) * len(metrics) - len(metrics)))
+    return "\n".join(lines)
+
+
+def _times(schedule: list[float]) -> str:
+    return "[" + ", ".join(f"{t:.3g}" for t in schedule) + "]"
+
+
+def distill_section(evals: dict, out: dict, cfg, command: str) -> str:
+    """Stage 2: teacher curve, the per-budget comparison, per-task tables at the middle budget, schedules."""
+    d = cfg.distill
+    shared = out["shared"]
+    parts = ["## Stage 2: cost-aware trajectory distillation",
+             f"Reproduce: `{command}`",
+             f"Teacher: `{shared['teacher_dir']}` on a {d.teacher_nfe}-step uniform ODE; "
+             f"{d.calibration_size} calibration and {d.validation_size} validation crops of the training photos. "
+             f"Students: {d.steps} steps each, schedule `{d.schedule}`, lr {d.lr:g}, teacher weight "
+             f"{d.teacher_weight:g}, GT weight {d.gt_weight:g} ({d.loss}). Test set: the frozen one; "
+             f"{evals['teacher']['convention']}.",
+             "### Teacher curve (uniform ODE, mean over tasks)\n\n" + teacher_curve_table(evals["teacher"]),
+             "### Step budgets (mean over tasks): no distillation on uniform / cost-DP times, and the student\n\n"
+             + budget_table(evals, list(d.budgets), d.teacher_nfe)]
+    lines = []
+    for k in d.budgets:
+        student = out["best"].get(k)
+        lines.append(f"- K={k}: cost-DP {_times(shared['schedules']['cost_dp'][k])}"
+                     + (f"; student {_times(student['schedule'])}" if student else "; student: none (trial failed)"))
+    parts.append("Schedules (times from t_start to 0):\n\n" + "\n".join(lines))
+    mid = sorted(d.budgets)[len(d.budgets) // 2]
+    named = {"uniform": evals["teacher"], "cost-DP": evals["cost_dp"]}
+    if mid in evals["students"]:
+        named["student"] = evals["students"][mid]
+    named = {n: r for n, r in named.items() if mid in r["nfe"]}
+    for metric in _metrics_present(evals["teacher"]):
+        parts.append(f"### {metric.upper()} per task at K={mid}\n\n" + comparison_table(named, metric, mid))
+    return "\n\n".join(parts)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, quality) no other point beats: lower-or-equal cost and higher quality."""
+    front = []
+    for i, (c, q) in enumerate(points):
+        if not any((c2 <= c and q2 > q) or (c2 < c and q2 >= q) for j, (c2, q2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+def write_pareto_plot(path: Path, rows: list[dict], metric: str) -> Path:
+    """Validation `metric` against NFE for every trial, by schedule kind; the Pareto front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    kinds = sorted({r["params"].get("schedule", "?") for r in rows})
+    for i, kind in enumerate(kinds):
+        sel = [r for r in rows if r["params"].get("schedule", "?") == kind]
+        ax.scatter([r["params"]["budget"] + 0.08 * (i - 1) for r in sel], [r["metrics"][metric] for r in sel],
+                   label=kind, s=18, alpha=0.8)
+    pts = [(r["params"]["budget"], r["metrics"][metric]) for r in rows]
+    front = sorted((pts[i] for i in pareto_front(pts)), key=lambda p: p[0])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
+    ax.set(xlabel="NFE (step budget)", ylabel=f"validation {metric}", xscale="log", title="sweep: quality vs NFE")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep_section(out: dict, evals: dict[int, dict], sweep, command: str, plot: str) -> str:
+    """The sweep's trials (validation), its Pareto front, and each budget's best student on the test set."""
+    rows, metric = out["rows"], sweep.metric
+    stopped = sum(r["stopped_early"] for r in rows)
+    pts = [(r["params"]["budget"], r["metrics"][metric]) for r in rows]
+    front = set(pareto_front(pts))
+    lines = ["| # | K | schedule | lr | teacher w | GT w | steps | val PSNR | val LPIPS | val " + metric + " | front |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["params"]["budget"], -rows[i]["metrics"][metric]))
+    for i in order:
+        r, p = rows[i], rows[i]["params"]
+        lines.append(f"| {i} | {p['budget']} | {p.get('schedule', '')} | {p.get('lr', float('nan')):.2g} | "
+                     f"{p.get('teacher_weight', '')} | {p.get('gt_weight', '')} | {r['step']}"
+                     f"{' (ASHA stop)' if r['stopped_early'] else ''} | {_fmt(r['metrics'], 'psnr')} | "
+                     f"{_fmt(r['metrics'], 'lpips')} | {r['metrics'][metric]:.3f} | {'✓' if i in front else ''} |")
+    test = ["| K | schedule | PSNR | SSIM | LPIPS | s/image (test set, sequential) |", "|---:|---|---:|---:|---:|---:|"]
+    for k, res in evals.items():
+        m = mean_metrics(res, k)
+        test.append(f"| {k} | {_times(out['best'][k]['schedule'])} | {_fmt(m, 'psnr')} | {_fmt(m, 'ssim')} | "
+                    f"{_fmt(m, 'lpips')} | {m['sec_per_image']:.4f} |")
+    return "\n\n".join([
+        "## Stage 2 sweep: step budget, schedule, loss weights, learning rate (Ray Tune + ASHA)",
+        f"Reproduce: `{command}`",
+        f"{len(rows)} trials reported ({out['errored']} errored), {stopped} stopped early by ASHA; "
+        f"{out['seconds']:.0f} s wall-clock. Metric `{metric}` ({sweep.mode}) on the validation crops.",
+        "### Trials (validation)\n\n" + "\n".join(lines),
+        f"![Pareto]({plot})",
+        "### Best student per budget on the frozen test set (the Pareto table)\n\n" + "\n".join(test)])
