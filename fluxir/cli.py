@@ -235,7 +235,7 @@ def _win_line(result: dict, nfe: int) -> str:
 
 
 def cmd_run(args) -> int:
-    """The whole pipeline so far: test set, stage 0 (pretraining), stage 1 (RL + controls), evaluation, report."""
+    """The whole pipeline: test set, stage 0 (pretraining), stage 1 (RL + controls), stage 2 (distillation), report."""
     from fluxir.report import eval_section, write_grids, write_json, write_report
     from actors.pretrain import run_pretrain
 
@@ -245,15 +245,17 @@ def cmd_run(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     command = "fluxir run " + " ".join([args.config, *args.overrides])
-    print(f"[1/4] stage 0: pretraining the {cfg.model.preset} policy ({cfg.pretrain.steps} steps)")
+    print(f"[1/5] stage 0: pretraining the {cfg.model.preset} policy ({cfg.pretrain.steps} steps)")
     trained = run_pretrain(cfg)
-    print(f"[2/4] evaluating the stage-0 base on the frozen test set at NFE {cfg.eval.nfe}")
+    print(f"[2/5] evaluating the stage-0 base on the frozen test set at NFE {cfg.eval.nfe}")
     base, testset = _evaluate(cfg, Path(trained["model_dir"]), None, keep_images=False)
     controls = " with its equal-time control and K=1 ablation" if cfg.rl.controls else ""
-    print(f"[3/4] stage 1: RL ({cfg.rl.objective}, {cfg.rl.iterations} iterations){controls}")
+    print(f"[3/5] stage 1: RL ({cfg.rl.objective}, {cfg.rl.iterations} iterations){controls}")
     rl_text, evals = _stage1(cfg, command, base_eval=base)
     final = evals["rl"]
-    print("[4/4] writing the report")
+    print(f"[4/5] stage 2: distillation to {cfg.distill.budgets} steps from a {cfg.distill.teacher_nfe}-step teacher")
+    distill_text, _ = _stage2(cfg, command, known_teacher_eval=final)
+    print("[5/5] writing the report")
     grids = write_grids(run_dir, testset, final, cfg.eval.grid_samples)
     summary = [f"# fluxir run `{cfg.name}`",
                f"Stage 0: {cfg.pretrain.steps} steps, {trained['seconds']:.0f} s on {cfg.pretrain.num_workers} "
@@ -262,7 +264,7 @@ def cmd_run(args) -> int:
                "Final (RL) policy:\n" + "\n".join(_win_line(final, n) for n in final["nfe"]),
                "(`sr`'s LQ input is bicubic ×4 upsampling, so its column is the bicubic baseline.)"]
     images = "## Before / after (final policy)\n\n" + "\n\n".join(f"### {t}\n\n![{t}]({p})" for t, p in grids.items())
-    report = write_report(run_dir, ["\n\n".join(summary), rl_text,
+    report = write_report(run_dir, ["\n\n".join(summary), rl_text, distill_text,
                                     eval_section("Stage-0 base on the frozen test set", base, command), images])
     final.pop("images")
     write_json(run_dir / "eval.json", final)

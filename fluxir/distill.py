@@ -106,11 +106,11 @@ def teacher_at(teacher: TeacherSet, times: torch.Tensor, index: torch.Tensor) ->
 # Cost matrix and the exact-K shortest path
 # ---------------------------------------------------------------------------------------------
 
-def teacher_velocities(teacher: TeacherSet) -> torch.Tensor:
-    """v_a (M, N, T, C) of the Euler teacher, recovered exactly from consecutive states."""
-    t = torch.tensor(teacher.schedule, dtype=teacher.states.dtype)
+def teacher_velocities(states: torch.Tensor, schedule: list[float]) -> torch.Tensor:
+    """v_a (M, N, T, C) of an Euler teacher, recovered exactly from its consecutive states (M, N+1, T, C)."""
+    t = torch.tensor(schedule, dtype=states.dtype)
     dt = (t[1:] - t[:-1]).view(1, -1, 1, 1)
-    return (teacher.states[:, 1:] - teacher.states[:, :-1]) / dt
+    return (states[:, 1:] - states[:, :-1]) / dt
 
 
 def cost_matrix(teacher: TeacherSet) -> torch.Tensor:
@@ -118,7 +118,7 @@ def cost_matrix(teacher: TeacherSet) -> torch.Tensor:
     t = torch.tensor(teacher.schedule, dtype=torch.float64)
     n = len(t) - 1
     x = teacher.states.double()
-    v = teacher_velocities(teacher).double()
+    v = teacher_velocities(x, teacher.schedule)
     cost = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)
     for a in range(n):
         dt = (t[a + 1:] - t[a]).view(-1, 1, 1, 1)                     # (n − a, 1, 1, 1)

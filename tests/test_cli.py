@@ -11,7 +11,7 @@ from fluxir.cli import build_parser, main
 from fluxir.data import save_image
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["run", "pretrain", "rl", "eval", "restore", "testset", "weights"]
+SUBCOMMANDS = ["run", "pretrain", "rl", "distill", "sweep", "eval", "restore", "testset", "weights"]
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -75,6 +75,50 @@ def test_run_includes_stage1_with_wandb_offline(smoke_run):
     assert (card["stage"], card["version"]) == ("rl", 3)
     offline = list((run_dir / "rl" / "wandb").glob("offline-run-*"))
     assert offline, "wandb offline run missing"
+
+
+def test_run_includes_stage2_students_per_budget(smoke_run):
+    """Stage 2 of `fluxir run`: teacher = the RL policy, one Tune-trained student per budget, evaluated."""
+    from fluxir.flow import check_schedule
+    from fluxir.rollouts import read_parquet, schedule_of
+
+    run_dir, _ = smoke_run
+    report = (run_dir / "report.md").read_text()
+    assert "## Stage 2: cost-aware trajectory distillation" in report and "| teacher N=4 |" in report
+    result = json.loads((run_dir / "distill.json").read_text())
+    assert sorted(result["students"]) == ["1", "2"]
+    for k, student in result["students"].items():
+        card = json.loads((Path(student["model_dir"]) / "policy.json").read_text())
+        assert card["budget"] == int(k) and card["step"] == 4 and len(check_schedule(card["schedule"])) == int(k) + 1
+        assert set(result["evals"]["students"][k]["nfe"]) == {int(k)}
+    assert set(result["evals"]["teacher"]["nfe"]) == {1, 2, 4}
+    teacher = json.loads((run_dir / "distill" / "teacher.json").read_text())
+    assert teacher["teacher"].endswith("rl/model")
+    table = read_parquet(run_dir / "distill" / "teacher_calibration.parquet")
+    assert table.num_rows == 16 and schedule_of(table)[0] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert tuple(table.column("states").type.shape) == (5, 64, 12)
+
+
+def test_two_trial_sweep_with_asha_and_resume(smoke_run):
+    """`fluxir sweep` on a real local Ray: 2 trials (budgets 1, 2), the Pareto table, best per budget;
+    `--resume` restores the finished experiment instead of training again."""
+    run_dir, args = smoke_run
+    sweep = str(ROOT / "configs/sweeps/smoke.yaml")
+    assert main(["sweep", *args[1:], "--sweep", sweep]) == 0
+    result = json.loads((run_dir / "sweep.json").read_text())
+    assert result["trials"] == 2 and result["errored"] == 0
+    assert sorted(r["params"]["budget"] for r in result["rows"]) == [1, 2]
+    assert all(r["params"]["schedule"] == "learned" for r in result["rows"])
+    schedules = json.loads((run_dir / "sweep" / "schedules.json").read_text())
+    assert sorted(schedules) == ["1", "2"] and schedules["1"] == [1.0, 0.0]
+    for k in (1, 2):
+        assert (run_dir / "sweep" / "best" / f"K{k}" / "policy.safetensors").is_file()
+    report = (run_dir / "sweep_report.md").read_text()
+    assert "Best student per budget on the frozen test set" in report and "stopped early by ASHA" in report
+    assert (run_dir / "sweep_pareto.png").stat().st_size > 1000
+    stamp = {p: p.stat().st_mtime for p in (run_dir / "sweep" / "trials").rglob("trainer.pt")}
+    assert main(["sweep", *args[1:], "--sweep", sweep, "--resume"]) == 0
+    assert {p: p.stat().st_mtime for p in (run_dir / "sweep" / "trials").rglob("trainer.pt")} == stamp
 
 
 def test_pretrain_resumes_from_the_last_checkpoint(smoke_run):
