@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -161,6 +162,9 @@ def search_space(spec: dict) -> dict:
 def run_trials(cfg: Config, shared: dict, stage_dir: Path, param_space: dict, scheduler=None, metric: str = "psnr",
                mode: str = "max", num_samples: int = 1, resume: bool = False):
     """Fit (or, with `resume`, restore and finish) the Tune experiment `<stage_dir>/trials`."""
+    # Every report carries a checkpoint and every checkpoint forces an experiment snapshot (that is what
+    # makes `--resume` exact); Tune warns about that frequency, which is intended here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
     trainable = tune.with_resources(tune.with_parameters(distill_trial, shared=shared),
                                     tune.PlacementGroupFactory([dict(cfg.distill.trial_resources)]))

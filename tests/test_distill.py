@@ -178,7 +178,7 @@ def test_distillation_resumes_exactly(smoke_teacher):
 
 def test_sweep_file_is_validated(tmp_path):
     sweep = load_sweep("configs/sweeps/distill.yaml")
-    assert sweep.metric == "psnr_gain" and sweep.asha.grace_period == 50
+    assert sweep.metric == "psnr_gain" and sweep.asha.grace_period == 40 and "budget" in sweep.space
     bad = tmp_path / "bad.yaml"
     bad.write_text("space: {budget: {grid: [1]}, momentum: 0.9}\n")
     with pytest.raises(ConfigError, match="momentum"):
