@@ -162,12 +162,13 @@ def _teacher_evals(cfg: Config, out: dict, known: dict | None) -> tuple[dict, di
     return curve, merge_evals(*parts)
 
 
-def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None) -> tuple[str, dict]:
+def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
+            resume: bool = False) -> tuple[str, dict]:
     """Run stage 2 (one student per budget on Ray Tune) and evaluate teacher, cost-DP times and students."""
     from actors.distill import run_distill
     from fluxir.report import distill_section, write_json
 
-    out = run_distill(cfg)
+    out = run_distill(cfg, resume=resume)
     teacher, cost_dp = _teacher_evals(cfg, out, known_teacher_eval)
     students = {k: _evaluate(cfg, Path(row["model_dir"]), None, False, {k: row["schedule"]})[0]
                 for k, row in out["best"].items()}
@@ -183,7 +184,7 @@ def cmd_distill(args) -> int:
 
     cfg = _config(args)
     command = "fluxir distill " + " ".join([args.config, *args.overrides])
-    section, _ = _stage2(cfg, command)
+    section, _ = _stage2(cfg, command, resume=args.resume)
     report = write_report(cfg.run_dir, [section], name="distill_report.md")
     print(section)
     print(f"report: {report}")
@@ -292,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="stage 2: cost-aware distillation, one student per step budget (Ray Tune)")
     _add_config(p)
+    p.add_argument("--resume", action="store_true", help="finish interrupted student trials (Tuner.restore)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sweep", help="stage 2 search: Ray Tune + ASHA over budget, schedule, loss weights, lr")
