@@ -204,7 +204,7 @@ def cmd_sweep(args) -> int:
     out["seconds"] = time.perf_counter() - start
     evals = {k: _evaluate(cfg, Path(row["model_dir"]), None, False, {k: row["schedule"]})[0]
              for k, row in out["best"].items()}
-    plot = write_pareto_plot(cfg.run_dir / "sweep_pareto.png", out["rows"], sweep.metric)
+    plot = write_pareto_plot(cfg.run_dir / "sweep_pareto.png", out["rows"])
     section = sweep_section(out, evals, sweep, command, plot.name)
     write_json(cfg.run_dir / "sweep.json", {"rows": out["rows"], "evals": evals, "seconds": out["seconds"],
                                             "trials": out["trials"], "errored": out["errored"]})

@@ -257,6 +257,13 @@ def distill_section(evals: dict, out: dict, cfg, command: str) -> str:
     return "\n\n".join(parts)
 
 
+def quality_key(metric: str) -> tuple[str, int]:
+    """The absolute metric behind a sweep metric (gains are per-budget, so fronts use the absolute one)
+    and its sign (+1: higher is better)."""
+    key = metric.removesuffix("_gain")
+    return key, -1 if key == "lpips" else 1
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points (cost, quality) no other point beats: lower-or-equal cost and higher quality."""
     front = []
@@ -266,25 +273,35 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def write_pareto_plot(path: Path, rows: list[dict], metric: str) -> Path:
-    """Validation `metric` against NFE for every trial, by schedule kind; the Pareto front as a line."""
+def write_pareto_plot(path: Path, rows: list[dict]) -> Path:
+    """Validation PSNR (and LPIPS when measured) against NFE for every trial, by schedule kind, each
+    panel with its Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    kinds = sorted({r["params"].get("schedule", "?") for r in rows})
-    for i, kind in enumerate(kinds):
-        sel = [r for r in rows if r["params"].get("schedule", "?") == kind]
-        ax.scatter([r["params"]["budget"] + 0.08 * (i - 1) for r in sel], [r["metrics"][metric] for r in sel],
-                   label=kind, s=18, alpha=0.8)
-    pts = [(r["params"]["budget"], r["metrics"][metric]) for r in rows]
-    front = sorted((pts[i] for i in pareto_front(pts)), key=lambda p: p[0])
-    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
-    ax.set(xlabel="NFE (step budget)", ylabel=f"validation {metric}", xscale="log", title="sweep: quality vs NFE")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    keys = [k for k in ("psnr", "lpips") if all(k in r["metrics"] for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    kinds = sorted({r["params"]["schedule"] for r in rows})
+    budgets = sorted({r["params"]["budget"] for r in rows})
+    for ax, key in zip(axes[0], keys):
+        sign = quality_key(key)[1]
+        for i, kind in enumerate(kinds):
+            sel = [r for r in rows if r["params"]["schedule"] == kind]
+            ax.scatter([r["params"]["budget"] * (1 + 0.04 * (i - 1)) for r in sel], [r["metrics"][key] for r in sel],
+                       label=kind, s=18, alpha=0.8)
+        pts = [(r["params"]["budget"], r["metrics"][key]) for r in rows]
+        front = sorted((pts[i] for i in pareto_front([(c, sign * q) for c, q in pts])), key=lambda p: p[0])
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set(xlabel="NFE (step budget)", ylabel=f"validation {key.upper()} ({'higher' if sign > 0 else 'lower'} "
+                                                      "is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("sweep: quality vs NFE per trial", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -295,9 +312,10 @@ def sweep_section(out: dict, evals: dict[int, dict], sweep, command: str, plot: 
     """The sweep's trials (validation), its Pareto front, and each budget's best student on the test set."""
     rows, metric = out["rows"], sweep.metric
     stopped = sum(r["stopped_early"] for r in rows)
-    pts = [(r["params"]["budget"], r["metrics"][metric]) for r in rows]
-    front = set(pareto_front(pts))
-    lines = ["| # | K | schedule | lr | teacher w | GT w | steps | val PSNR | val LPIPS | val " + metric + " | front |",
+    key, sign = quality_key(metric)
+    front = set(pareto_front([(r["params"]["budget"], sign * r["metrics"][key]) for r in rows]))
+    lines = ["| # | K | schedule | lr | teacher w | GT w | steps | val PSNR | val LPIPS | val " + metric
+             + f" | front (NFE vs val {key}) |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["params"]["budget"], -rows[i]["metrics"][metric]))
     for i in order:
