@@ -50,20 +50,22 @@ def main() -> int:
     for inner in itertools.combinations(range(1, n), args.budget - 1):
         schedule = [grid[0], *(grid[i] for i in inner), 0.0]
         rows.append({"schedule": schedule, **D.validate(policy, codec, val, schedule, cfg.flow, lpips_net)})
-    dp = D.budget_schedule("cost_dp", args.budget, cal.schedule, D.cost_matrix(cal))
+    scanned = {tuple(r["schedule"]): r for r in rows}
     uniform = D.validate(policy, codec, val, D.budget_schedule("uniform", args.budget, grid, None), cfg.flow,
                          lpips_net)
     result = {"config": args.config, "overrides": args.overrides, "budget": args.budget, "teacher_nfe": n,
-              "validation_size": len(val), "uniform": uniform, "cost_dp": {"schedule": dp, **next(
-                  r for r in rows if r["schedule"] == dp)}, "teacher": D.validate(policy, codec, val, grid, cfg.flow,
-                                                                                 lpips_net),
-              "best_psnr": max(rows, key=lambda r: r["psnr"]), "scan": rows,
-              "seconds": time.perf_counter() - start}
+              "validation_size": len(val), "uniform": uniform,
+              "teacher": D.validate(policy, codec, val, grid, cfg.flow, lpips_net),
+              "best_psnr": max(rows, key=lambda r: r["psnr"]), "scan": rows}
+    for key, per_unit_time in (("cost_dp", True), ("cost_dp_state_units", False)):
+        schedule = D.budget_schedule("cost_dp", args.budget, cal.schedule, D.cost_matrix(cal, per_unit_time))
+        result[key] = scanned[tuple(schedule)]
+    result["seconds"] = time.perf_counter() - start
     if "lpips" in uniform:
         result["best_lpips"] = min(rows, key=lambda r: r["lpips"])
     out = ROOT / "benchmarks" / "results" / f"schedule_scan_{cfg.name}_K{args.budget}.json"
     out.write_text(json.dumps(result, indent=2))
-    for key in ("uniform", "cost_dp", "best_psnr", "best_lpips", "teacher"):
+    for key in ("uniform", "cost_dp", "cost_dp_state_units", "best_psnr", "best_lpips", "teacher"):
         if key in result:
             r = result[key]
             print(f"{key:10s} {r.get('schedule', '')} PSNR {r['psnr']:.3f}" + (f" LPIPS {r['lpips']:.4f}" if "lpips" in r else ""))

@@ -113,8 +113,11 @@ def teacher_velocities(states: torch.Tensor, schedule: list[float]) -> torch.Ten
     return (states[:, 1:] - states[:, :-1]) / dt
 
 
-def cost_matrix(teacher: TeacherSet) -> torch.Tensor:
-    """C (N+1, N+1): C[a, b] for a < b (DESIGN.md §7.2), +inf elsewhere. Batched over b and inputs per a."""
+def cost_matrix(teacher: TeacherSet, per_unit_time: bool = True) -> torch.Tensor:
+    """C (N+1, N+1): C[a, b] for a < b (DESIGN.md §7.2), +inf elsewhere. Batched over b and inputs per a.
+
+    `per_unit_time=False` leaves out the division by t_a − t_b (the merged jump's error in state units).
+    """
     t = torch.tensor(teacher.schedule, dtype=torch.float64)
     n = len(t) - 1
     x = teacher.states.double()
@@ -124,7 +127,7 @@ def cost_matrix(teacher: TeacherSet) -> torch.Tensor:
         dt = (t[a + 1:] - t[a]).view(-1, 1, 1, 1)                     # (n − a, 1, 1, 1)
         jump = x[:, a].unsqueeze(0) + dt * v[:, a].unsqueeze(0)        # (n − a, M, T, C)
         err = (x[:, a + 1:].transpose(0, 1) - jump).pow(2).flatten(2).mean(2).sqrt()  # (n − a, M)
-        cost[a, a + 1:] = err.mean(1) / (t[a] - t[a + 1:])
+        cost[a, a + 1:] = err.mean(1) / ((t[a] - t[a + 1:]) if per_unit_time else 1.0)
     return cost
 
 
