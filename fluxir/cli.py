@@ -75,7 +75,7 @@ def cmd_eval(args) -> int:
     cfg = _config(args)
     policy_dir = _policy_dir(cfg, args.policy)
     result, _ = _evaluate(cfg, policy_dir, args.nfe, keep_images=False)
-    command = "fluxir eval " + " ".join([args.config, *args.overrides])
+    command = _command(args, "eval")
     print(eval_section(f"Evaluation of {policy_dir}", result, command))
     result.pop("images")
     write_json(cfg.run_dir / "eval.json", result)
@@ -170,8 +170,7 @@ def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
 
     out = run_distill(cfg, resume=resume)
     teacher, cost_dp = _teacher_evals(cfg, out, known_teacher_eval)
-    students = {k: _evaluate(cfg, Path(row["model_dir"]), None, False, {k: row["schedule"]})[0]
-                for k, row in out["best"].items()}
+    students = _evaluate_students(cfg, out["best"])
     evals = {"teacher": teacher, "cost_dp": cost_dp, "students": students}
     write_json(cfg.run_dir / "distill.json", {"evals": evals, "schedules": out["shared"]["schedules"],
                                               "students": {k: {key: v for key, v in row.items() if key != "checkpoint"}
@@ -179,51 +178,54 @@ def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
     return distill_section(evals, out, cfg, command), evals
 
 
-def cmd_distill(args) -> int:
+def _command(args, verb: str, *extra: str) -> str:
+    """The command line that reproduces this run, for the report."""
+    return " ".join(["fluxir", verb, args.config, *args.overrides, *extra])
+
+
+def _write_stage_report(cfg: Config, section: str, name: str) -> int:
     from fluxir.report import write_report
 
-    cfg = _config(args)
-    command = "fluxir distill " + " ".join([args.config, *args.overrides])
-    section, _ = _stage2(cfg, command, resume=args.resume)
-    report = write_report(cfg.run_dir, [section], name="distill_report.md")
+    report = write_report(cfg.run_dir, [section], name=name)
     print(section)
     print(f"report: {report}")
     return 0
+
+
+def _evaluate_students(cfg: Config, best: dict[int, dict]) -> dict[int, dict]:
+    """Each budget's best student on the test set, on its own schedule."""
+    return {k: _evaluate(cfg, Path(row["model_dir"]), None, False, {k: row["schedule"]})[0] for k, row in best.items()}
+
+
+def cmd_distill(args) -> int:
+    cfg = _config(args)
+    section, _ = _stage2(cfg, _command(args, "distill"), resume=args.resume)
+    return _write_stage_report(cfg, section, "distill_report.md")
 
 
 def cmd_sweep(args) -> int:
     from actors.distill import run_sweep
     from fluxir.config import load_sweep
-    from fluxir.report import sweep_section, write_json, write_pareto_plot, write_report
+    from fluxir.report import sweep_section, write_json, write_pareto_plot
 
     cfg = _config(args)
     sweep = load_sweep(args.sweep or cfg.distill.sweep)
-    command = "fluxir sweep " + " ".join([args.config, *args.overrides] + (["--sweep", args.sweep] if args.sweep else []))
+    command = _command(args, "sweep", *(["--sweep", args.sweep] if args.sweep else []))
     start = time.perf_counter()
     out = run_sweep(cfg, sweep, resume=args.resume)
     out["seconds"] = time.perf_counter() - start
-    evals = {k: _evaluate(cfg, Path(row["model_dir"]), None, False, {k: row["schedule"]})[0]
-             for k, row in out["best"].items()}
+    evals = _evaluate_students(cfg, out["best"])
     plot = write_pareto_plot(cfg.run_dir / "sweep_pareto.png", out["rows"])
     section = sweep_section(out, evals, sweep, command, plot.name)
     write_json(cfg.run_dir / "sweep.json", {"rows": out["rows"], "evals": evals, "seconds": out["seconds"],
                                             "trials": out["trials"], "errored": out["errored"]})
-    report = write_report(cfg.run_dir, [section], name="sweep_report.md")
-    print(section)
-    print(f"report: {report}")
-    return 0
+    return _write_stage_report(cfg, section, "sweep_report.md")
 
 
 def cmd_rl(args) -> int:
-    from fluxir.report import write_report
-
     cfg = _config(args)
-    command = "fluxir rl " + " ".join([args.config, *args.overrides])
-    section, _ = _stage1(cfg, command)
-    report = write_report(cfg.run_dir, [section], name="rl_report.md")
-    print(section)
-    print(f"report: {report}")
-    return 0
+    section, _ = _stage1(cfg, _command(args, "rl"))
+    return _write_stage_report(cfg, section, "rl_report.md")
 
 
 def _win_line(result: dict, nfe: int) -> str:
@@ -245,7 +247,7 @@ def cmd_run(args) -> int:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    command = "fluxir run " + " ".join([args.config, *args.overrides])
+    command = _command(args, "run")
     print(f"[1/5] stage 0: pretraining the {cfg.model.preset} policy ({cfg.pretrain.steps} steps)")
     trained = run_pretrain(cfg)
     print(f"[2/5] evaluating the stage-0 base on the frozen test set at NFE {cfg.eval.nfe}")
