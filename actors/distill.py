@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -73,7 +74,9 @@ def prepare(cfg: Config, stage_dir: Path) -> dict:
     baselines = {k: D.validate(teacher_policy, codec, sets["validation"], schedules["uniform"][k], cfg.flow,
                                lpips_net) for k in d.budgets}
     write_json(stage_dir / "teacher.json", {"teacher": str(source), "teacher_nfe": d.teacher_nfe,
-                                            "cost_matrix": cost.tolist(), "schedules": schedules,
+                                            "cost_matrix": [[c if math.isfinite(c) else None for c in row]
+                                                            for row in cost.tolist()],  # null: a >= b
+                                            "schedules": schedules,
                                             "validation_baselines": baselines})
     return {"cfg": cfg.model_dump(mode="json"), "teacher_state": teacher_policy.trainable_state_dict(),
             "calibration": sets["calibration"], "validation": sets["validation"], "cost": cost,
@@ -160,7 +163,7 @@ def search_space(spec: dict) -> dict:
 
 
 def run_trials(cfg: Config, shared: dict, stage_dir: Path, param_space: dict, scheduler=None, metric: str = "psnr",
-               mode: str = "max", num_samples: int = 1, resume: bool = False):
+               mode: str = "max", num_samples: int = 1, resume: bool = False, max_concurrent: int | None = None):
     """Fit (or, with `resume`, restore and finish) the Tune experiment `<stage_dir>/trials`."""
     # Every report carries a checkpoint and every checkpoint forces an experiment snapshot (that is what
     # makes `--resume` exact); Tune warns about that frequency, which is intended here.
@@ -178,7 +181,7 @@ def run_trials(cfg: Config, shared: dict, stage_dir: Path, param_space: dict, sc
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=cfg.distill.max_concurrent),
+                                        max_concurrent_trials=max_concurrent or cfg.distill.max_concurrent),
             run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     grid = tuner.fit()
@@ -240,10 +243,6 @@ def run_sweep(cfg: Config, sweep, stage: str = "sweep", resume: bool = False) ->
     """The search of `sweep` (a `SweepConfig`) with ASHA on its metric; best student per budget saved."""
     stage_dir = cfg.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    if sweep.max_concurrent:
-        cfg = config_from_dict({**cfg.model_dump(mode="json"),
-                                "distill": {**cfg.distill.model_dump(mode="json"),
-                                            "max_concurrent": sweep.max_concurrent}}, "sweep")
     shared = prepare(cfg, stage_dir)
     space = {**search_space(sweep.space), "steps": sweep.steps, "eval_every": sweep.eval_every}
     scheduler = None
@@ -251,7 +250,7 @@ def run_sweep(cfg: Config, sweep, stage: str = "sweep", resume: bool = False) ->
         scheduler = ASHAScheduler(time_attr="step", max_t=sweep.steps, grace_period=sweep.asha.grace_period,
                                   reduction_factor=sweep.asha.reduction_factor)
     grid = run_trials(cfg, shared, stage_dir, space, scheduler, sweep.metric, sweep.mode, sweep.num_samples,
-                      resume=resume)
+                      resume=resume, max_concurrent=sweep.max_concurrent)
     rows = trial_rows(grid, cfg, sweep.metric)
     return {"shared": shared, "rows": rows, "best": best_per_budget(rows, sweep.metric, sweep.mode, stage_dir),
             "stage_dir": str(stage_dir), "trials": len(grid), "errored": sum(1 for r in grid if r.error)}

@@ -142,24 +142,30 @@ def _stage1(cfg: Config, command: str, base_eval: dict | None = None) -> tuple[s
     return rl_section(slim, runs, command, plot.name), evals
 
 
+def _evaluate_reusing(cfg: Config, policy_dir: Path, schedules: dict[int, list[float]], known: dict | None) -> dict:
+    """`policy_dir` on `schedules` ({nfe: times}); NFEs that `known` (the same policy) already has on the
+    same times are taken from it instead of evaluated again."""
+    from fluxir.evaluate import merge_evals, select_nfes
+
+    have = [n for n, times in schedules.items() if known and n in known["nfe"] and known["schedules"][n] == times]
+    todo = {n: times for n, times in schedules.items() if n not in have}
+    parts = [select_nfes(known, have)] if have else []
+    if todo:
+        parts.append(_evaluate(cfg, policy_dir, None, False, todo)[0])
+    return merge_evals(*parts)
+
+
 def _teacher_evals(cfg: Config, out: dict, known: dict | None) -> tuple[dict, dict]:
     """The teacher on uniform schedules (its quality-vs-NFE curve and every budget) and on the cost-DP
-    schedules; NFEs already in `known` (the same policy on uniform times) are not evaluated again."""
-    from fluxir.evaluate import merge_evals, select_nfes
+    schedules; `known`: an evaluation of the same policy to reuse (stage 1's)."""
     from fluxir.flow import uniform_schedule
 
     d, shared = cfg.distill, out["shared"]
     teacher = Path(shared["teacher_dir"])
     nfes = sorted(set(d.curve_nfe) | set(d.budgets) | {d.teacher_nfe})
-    have = [n for n in (known or {}).get("nfe", []) if n in nfes and known["schedules"][n] == uniform_schedule(n, cfg.flow.t_start)]
-    todo = {n: uniform_schedule(n, cfg.flow.t_start) for n in nfes if n not in have}
-    parts = ([select_nfes(known, have)] if have else []) + ([_evaluate(cfg, teacher, None, False, todo)[0]] if todo else [])
-    curve = merge_evals(*parts)
+    curve = _evaluate_reusing(cfg, teacher, {n: uniform_schedule(n, cfg.flow.t_start) for n in nfes}, known)
     dp = shared["schedules"]["cost_dp"]
-    differ = {k: dp[k] for k in d.budgets if dp[k] != curve["schedules"][k]}
-    same = [k for k in d.budgets if k not in differ]
-    parts = ([select_nfes(curve, same)] if same else []) + ([_evaluate(cfg, teacher, None, False, differ)[0]] if differ else [])
-    return curve, merge_evals(*parts)
+    return curve, _evaluate_reusing(cfg, teacher, {k: dp[k] for k in d.budgets}, curve)
 
 
 def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
@@ -213,7 +219,7 @@ def cmd_sweep(args) -> int:
     command = _command(args, "sweep", *(["--sweep", args.sweep] if args.sweep else []))
     start = time.perf_counter()
     out = run_sweep(cfg, sweep, resume=args.resume)
-    out["seconds"] = time.perf_counter() - start
+    out["seconds"], out["resumed"] = time.perf_counter() - start, args.resume
     evals = _evaluate_students(cfg, out["best"])
     plot = write_pareto_plot(cfg.run_dir / "sweep_pareto.png", out["rows"])
     section = sweep_section(out, evals, sweep, command, plot.name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -207,7 +208,7 @@ def student_rollout(policy, x: torch.Tensor, lq: torch.Tensor, task: torch.Tenso
     for k in range(len(times) - 1):
         t, s = times[k], times[k + 1]
         pred = policy(x, lq, t.detach().expand(x.shape[0]), task, ids)
-        x = pred.x0_hat if k == len(times) - 2 else x + (s - t) * pred.velocity
+        x = pred.x0_hat if k == len(times) - 2 else flow.ode_step(x, pred.velocity, t, s)
         ends.append(x)
     return ends
 
@@ -241,19 +242,15 @@ def restore_tokens(policy, teacher: TeacherSet, schedule: list[float], flow_cfg,
 
 def validate(policy, codec, teacher: TeacherSet, schedule: list[float], flow_cfg, lpips_net=None) -> dict[str, float]:
     """PSNR/SSIM(/LPIPS) against GT of the K-step sampler on the validation set, and seconds per image."""
-    import time
-
-    from fluxir.metrics import MetricConvention, compute_metrics
+    from fluxir.evaluate import score
+    from fluxir.metrics import MetricConvention
 
     policy.eval()
     start = time.perf_counter()
     final = restore_tokens(policy, teacher, schedule, flow_cfg)
     seconds = (time.perf_counter() - start) / len(teacher)
     decode = lambda tok: codec.decode(unpack(tok, teacher.height, teacher.width)).clamp(0, 1)  # noqa: E731
-    m = compute_metrics(decode(final), decode(teacher.gt), MetricConvention(), lpips=lpips_net)
-    out = {k: float(v.double().mean()) for k, v in m.items()}
-    out["sec_per_image"] = seconds
-    return out
+    return {**score(decode(final), decode(teacher.gt), MetricConvention(), lpips_net), "sec_per_image": seconds}
 
 
 @dataclass

@@ -333,7 +333,8 @@ def sweep_section(out: dict, evals: dict[int, dict], sweep, command: str, plot: 
         "## Stage 2 sweep: step budget, schedule, loss weights, learning rate (Ray Tune + ASHA)",
         f"Reproduce: `{command}`",
         f"{len(rows)} trials reported ({out['errored']} errored), {stopped} stopped early by ASHA; "
-        f"{out['seconds']:.0f} s wall-clock. Metric `{metric}` ({sweep.mode}) on the validation crops.",
+        f"{out['seconds']:.0f} s wall-clock{' for this resumed command alone' if out.get('resumed') else ''}. "
+        f"Metric `{metric}` ({sweep.mode}) on the validation crops.",
         "### Trials (validation)\n\n" + "\n".join(lines),
         f"![Pareto]({plot})",
         "### Best student per budget on the frozen test set (the Pareto table)\n\n" + "\n".join(test)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from fluxir import distill as D
 from fluxir import flow
 from fluxir.config import ConfigError, load_config, load_sweep
 from fluxir.report import pareto_front
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _random_cost(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -110,7 +113,7 @@ def smoke_teacher():
     from fluxir.policy import build_policy
     from fluxir.pretrain import token_channels
 
-    cfg = load_config("configs/smoke.yaml")
+    cfg = load_config(ROOT / "configs/smoke.yaml")
     codec = build_codec(cfg)
     policy = build_policy(cfg, token_channels(codec))
     with torch.no_grad():  # a non-trivial random policy (the fresh x0-residual one returns the LQ exactly)
@@ -177,7 +180,7 @@ def test_distillation_resumes_exactly(smoke_teacher):
 
 
 def test_sweep_file_is_validated(tmp_path):
-    sweep = load_sweep("configs/sweeps/distill.yaml")
+    sweep = load_sweep(ROOT / "configs/sweeps/distill.yaml")
     assert sweep.metric == "psnr_gain" and sweep.asha.grace_period == 40 and "budget" in sweep.space
     bad = tmp_path / "bad.yaml"
     bad.write_text("space: {budget: {grid: [1]}, momentum: 0.9}\n")
@@ -187,7 +190,7 @@ def test_sweep_file_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="lpips is optimised with mode min"):
         load_sweep(bad)
     with pytest.raises(ConfigError, match="budgets"):
-        load_config("configs/smoke.yaml", ["distill.budgets=[8]"])
+        load_config(ROOT / "configs/smoke.yaml", ["distill.budgets=[8]"])
 
 
 def test_search_space_from_yaml():
