@@ -185,6 +185,7 @@ class LearnedSchedule(nn.Module):
         init = flow.check_schedule(init)
         steps = torch.tensor([a - b for a, b in zip(init, init[1:])], dtype=torch.float64)
         self.t_start = init[0]
+        self.register_buffer("init_times", torch.tensor(init, dtype=torch.float64))  # exact, and checkpointed
         self.logits = nn.Parameter(torch.log(steps / steps.sum()).float(), requires_grad=learn)
 
     def forward(self) -> torch.Tensor:
@@ -194,6 +195,9 @@ class LearnedSchedule(nn.Module):
         return torch.cat([torch.tensor([self.t_start]), rest, torch.zeros(1)])
 
     def as_list(self) -> list[float]:
+        """The times as floats; a fixed schedule returns its init exactly (no float32 round trip)."""
+        if not self.logits.requires_grad:
+            return self.init_times.tolist()
         return flow.check_schedule([float(t) for t in self().detach()])
 
 
