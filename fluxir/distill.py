@@ -207,7 +207,8 @@ class LearnedSchedule(nn.Module):
 
 def student_rollout(policy, x: torch.Tensor, lq: torch.Tensor, task: torch.Tensor, ids: torch.Tensor,
                     times: torch.Tensor) -> list[torch.Tensor]:
-    """The K-step sampler with gradients (times may require grad): the state after each jump."""
+    """The K-step sampler with gradients: the state after each jump. Learned times get their gradient
+    through the step sizes (and the teacher targets at those times); the network sees them detached."""
     ends = []
     for k in range(len(times) - 1):
         t, s = times[k], times[k + 1]
