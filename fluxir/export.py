@@ -1,0 +1,257 @@
+"""Export a trained policy as a folder that loads without fluxir, and load it back (checksums verified).
+
+Layout of an export (DESIGN.md §10):
+  transformer/              diffusers `save_pretrained` (safetensors), LoRA merged, input widened for the LQ
+  adapter/                  (LoRA runs only) peft `adapter_config.json` + `adapter_model.safetensors`, and
+                            `x_embedder.safetensors`: the trained, widened input layer the adapter needs
+  vae/                      (VAE codec only) the frozen AutoencoderKL
+  conditioning.safetensors  per-task `prompt_embeds` (T, L, D) and `pooled_prompt_embeds` (T, P)
+  schedules.json            {budget: times}: the sampling times this transformer was trained/evaluated for
+  restore.py                a sampler that needs only torch + diffusers (fluxir/standalone_restore.py)
+  README.md                 model card
+  manifest.json             config, base model id and hash, sampler settings, metrics, sha256 of every file
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fluxir.degradations import TASKS
+from fluxir.weightsync import weights_checksum
+
+FORMAT = "fluxir-export/1"
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+
+
+class ExportError(ValueError):
+    """An export folder is incomplete, tampered with or truncated; the message names the file."""
+
+
+# --- checksums ---------------------------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """{relative path: {"sha256", "bytes"}} of every file under `root` except the manifest."""
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def verify_export(root: str | Path) -> dict:
+    """Check every file the manifest lists (size, then sha256) and that no file is missing; return it."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{root}: no {MANIFEST} (not a fluxir export)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path}: unreadable manifest ({err})") from err
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for rel, want in manifest["files"].items():
+        f = root / rel
+        if not f.is_file():
+            raise ExportError(f"{f}: missing (listed in {MANIFEST})")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise ExportError(f"{f}: truncated or altered: {size} bytes, the manifest says {want['bytes']}")
+        if sha256_file(f) != want["sha256"]:
+            raise ExportError(f"{f}: sha256 does not match the manifest (file altered)")
+    return manifest
+
+
+# --- the base model's identity -------------------------------------------------------------------
+
+def base_model_identity(cfg, token_channels: int) -> dict:
+    """What the policy was trained from: a local diffusers folder (sha256 of its transformer weight
+    files, as model hubs list them) or the tiny preset (sha256 of its seeded random-init tensors)."""
+    m = cfg.model
+    if m.preset == "tiny":
+        from fluxir.policy import _tiny_transformer
+
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            base = _tiny_transformer(m, token_channels)
+        return {"id": f"fluxir/tiny (random init, seed {cfg.seed})",
+                "hash": "sha256-tensors:" + weights_checksum(base.state_dict(), "sha256")}
+    folder = Path(m.path) / "transformer"
+    files = sorted(folder.glob("*.safetensors"))
+    return {"id": str(m.path), "hash": "sha256-files:" + hashlib.sha256(
+        "".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest(),
+        "files": [f.name for f in files]}
+
+
+# --- writing an export ---------------------------------------------------------------------------
+
+def _merged_transformer(policy):
+    """A copy of the policy's transformer with any LoRA fused into its weights and the adapters removed."""
+    import copy
+
+    transformer = copy.deepcopy(policy.transformer)
+    if getattr(transformer, "peft_config", None):
+        transformer.fuse_lora(safe_fusing=True)
+        transformer.unload_lora()
+    return transformer
+
+
+def _write_adapter(policy, lora_cfg, out: Path) -> None:
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    out.mkdir(parents=True)
+    LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+               target_modules=list(lora_cfg.targets)).save_pretrained(str(out))
+    state = {k: v.contiguous().cpu() for k, v in get_peft_model_state_dict(policy.transformer).items()}
+    save_file(state, str(out / "adapter_model.safetensors"))
+    x_emb = policy.transformer.x_embedder
+    save_file({k: v.detach().contiguous().cpu() for k, v in x_emb.state_dict().items()},
+              str(out / "x_embedder.safetensors"))
+
+
+def sampler_settings(cfg, codec) -> dict:
+    return {"parametrization": cfg.model.parametrization, "source": cfg.flow.source,
+            "sigma_src": cfg.flow.sigma_src, "t_start": cfg.flow.t_start, "codec": cfg.codec.kind,
+            "downsample": codec.downsample, "tile": cfg.eval.tile or cfg.data.crop, "overlap": cfg.eval.overlap,
+            "seed": cfg.seed, "guidance": getattr(cfg.model, "guidance", None) or 1.0}
+
+
+def _model_card(manifest: dict) -> str:
+    rows = [f"| {k} | {v['times']} | " + " | ".join(f"{v['metrics'].get(m, float('nan')):.4f}"
+                                                     for m in ("psnr", "ssim", "lpips")) + " |"
+            for k, v in manifest["budgets"].items()]
+    return "\n".join([
+        f"# fluxir restoration model ({manifest['source']['stage']})", "",
+        f"Tasks: {', '.join(manifest['tasks'])}. Base: {manifest['base_model']['id']}.", "",
+        "| steps | times | PSNR | SSIM | LPIPS |", "|---:|---|---:|---:|---:|", *rows, "",
+        "Metrics: means over the tasks of fluxir's frozen test set (NaN: not measured).", "",
+        "Without fluxir (torch + diffusers): `python restore.py --task denoise in.png out.png`.",
+        "With fluxir: `fluxir restore --model . --task denoise in.png out.png`.",
+        "`manifest.json` lists the sha256 of every file; fluxir refuses a folder that does not match."])
+
+
+def export_policy(policy, codec, cfg, out_dir: str | Path, schedules: dict[int, list[float]],
+                  source: dict, metrics: dict[int, dict] | None = None) -> Path:
+    """Write the export of `policy` (a RestorationPolicy) to `out_dir` (must not exist; written to a
+    temporary sibling first, then renamed, so a failed export leaves nothing half-written)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; choose a new folder for the export")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _merged_transformer(policy).save_pretrained(tmp / "transformer", safe_serialization=True)
+        if cfg.model.lora.enabled:
+            _write_adapter(policy, cfg.model.lora, tmp / "adapter")
+        if cfg.codec.kind == "vae":
+            codec.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        save_file({"prompt_embeds": policy.task_tokens.detach().contiguous().cpu(),
+                   "pooled_prompt_embeds": policy.task_pooled.detach().contiguous().cpu()},
+                  str(tmp / "conditioning.safetensors"))
+        (tmp / "schedules.json").write_text(json.dumps({str(k): v for k, v in sorted(schedules.items())}, indent=1))
+        shutil.copyfile(Path(__file__).with_name("standalone_restore.py"), tmp / "restore.py")
+        metrics = metrics or {}
+        manifest = {
+            "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": source, "tasks": list(TASKS), "default_budget": min(schedules),
+            "budgets": {str(k): {"times": v, "metrics": metrics.get(k, {})} for k, v in sorted(schedules.items())},
+            "sampler": sampler_settings(cfg, codec),
+            "base_model": base_model_identity(cfg, policy.token_channels),
+            "lora": cfg.model.lora.model_dump() if cfg.model.lora.enabled else None,
+            "config": cfg.model_dump(mode="json")}
+        (tmp / "README.md").write_text(_model_card(manifest) + "\n")
+        manifest["files"] = file_table(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# --- choosing what to export from a run ----------------------------------------------------------
+
+def export_source(run_dir: str | Path, budget: int | None = None) -> Path:
+    """The policy folder to export from a run: the distilled student for `budget` (default: the fewest
+    steps) when stage 2 ran, else the RL policy, else the stage-0 base."""
+    run_dir = Path(run_dir)
+    students = {int(p.name[1:]): p for p in (run_dir / "distill" / "best").glob("K*") if p.name[1:].isdigit()}
+    if students:
+        k = min(students) if budget is None else budget
+        if k not in students:
+            raise ExportError(f"{run_dir}: no distilled student for budget {k}; there are {sorted(students)}")
+        return students[k]
+    if budget is not None:
+        raise ExportError(f"{run_dir}: --budget {budget} needs distilled students (distill/best/K*), none found")
+    for stage in ("rl", "pretrain"):
+        if (run_dir / stage / "model" / "policy.json").is_file():
+            return run_dir / stage / "model"
+    raise ExportError(f"{run_dir}: no trained policy (distill/best/K*, rl/model or pretrain/model)")
+
+
+def policy_schedules(card: dict, cfg) -> dict[int, list[float]]:
+    """A student's own schedule ({budget: times}), or the configured evaluation schedules."""
+    from fluxir.evaluate import eval_schedule
+
+    if "schedule" in card:
+        return {int(card["budget"]): card["schedule"]}
+    return {n: eval_schedule(cfg, n) for n in cfg.eval.nfe}
+
+
+def recorded_metrics(run_dir: Path, policy_dir: Path, card: dict, budgets) -> dict[int, dict]:
+    """Test-set means per budget, from the evaluation the run already wrote for this policy ({} if none)."""
+    stage = card.get("stage")
+    if stage == "distill":
+        path, key = run_dir / f"{policy_dir.parent.parent.name}.json", str(card["budget"])
+    else:
+        path, key = run_dir / "rl_eval.json", "base" if stage == "pretrain" else policy_dir.parent.name
+    if not path.is_file():
+        return {}
+    evals = json.loads(path.read_text())["evals"]
+    result = evals.get("students", evals).get(key)
+    if result is None:
+        return {}
+    out = {}
+    for k in budgets:
+        tasks = [e["nfe"][str(k)] for e in result["tasks"].values() if str(k) in e["nfe"]]
+        if tasks:
+            out[k] = {m: sum(t[m] for t in tasks) / len(tasks) for m in ("psnr", "ssim", "lpips") if m in tasks[0]}
+    return out
+
+
+# --- reading an export ---------------------------------------------------------------------------
+
+def load_export(root: str | Path):
+    """Verify and load an export: (policy, codec, cfg, manifest, schedules {budget: times})."""
+    from diffusers import FluxTransformer2DModel
+
+    from fluxir.codec import PixelCodec, VaeCodec
+    from fluxir.config import Config
+    from fluxir.policy import RestorationPolicy
+
+    root = Path(root)
+    manifest = verify_export(root)
+    cfg = Config.model_validate(manifest["config"])
+    s = manifest["sampler"]
+    transformer = FluxTransformer2DModel.from_pretrained(root / "transformer")
+    cond = load_file(str(root / "conditioning.safetensors"))
+    policy = RestorationPolicy(transformer, transformer.config.out_channels, s["parametrization"],
+                               cond["prompt_embeds"], cond["pooled_prompt_embeds"], learn_conditioning=False,
+                               guidance=s["guidance"]).eval()
+    codec = VaeCodec.from_pretrained(root / "vae") if s["codec"] == "vae" else PixelCodec()
+    schedules = {int(k): v for k, v in json.loads((root / "schedules.json").read_text()).items()}
+    return policy, codec, cfg, manifest, schedules

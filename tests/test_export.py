@@ -1,0 +1,175 @@
+"""`fluxir export`: a folder that plain diffusers (+ peft) loads, with checksums that refuse tampering.
+
+The policy here is the smoke model with LoRA on and every LoRA/input weight randomised, so that the
+merge is really exercised (a fresh LoRA is a no-op). No Ray is needed.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fluxir.cli import main
+from fluxir.config import load_config
+from fluxir.data import load_image, save_image
+from fluxir.evaluate import restore_image
+from fluxir.export import ExportError, load_export, verify_export
+from fluxir.policy import build_policy, load_policy, save_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4  # max |Δ| in [0, 1] pixel units between fluxir (LoRA unmerged) and diffusers (merged)
+
+# Runs the export's own restore.py with every fluxir/actors import refused.
+NO_FLUXIR = """
+import importlib.abc, runpy, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('fluxir', 'actors'):
+            raise ImportError('fluxir must not be imported here: ' + name)
+sys.meta_path.insert(0, Refuse())
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name='__main__')
+loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('fluxir', 'actors'))
+assert not loaded, loaded
+"""
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A run folder whose rl/model is a LoRA policy with random (non-zero) adapter weights."""
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["model.lora.enabled=true", "model.lora.rank=4"])
+    policy = build_policy(cfg, 12)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if p.requires_grad:  # lora_A/B, x_embedder (incl. the LQ columns), task tokens
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    run = tmp_path_factory.mktemp("run")
+    save_policy(policy, run / "rl" / "model", cfg, {"stage": "rl"})
+    out = tmp_path_factory.mktemp("exports") / "lora"
+    assert main(["export", str(run), str(out)]) == 0
+    return cfg, run, out
+
+
+def test_export_layout_and_manifest(lora_run):
+    cfg, run, out = lora_run
+    for rel in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/x_embedder.safetensors",
+                "conditioning.safetensors", "schedules.json", "restore.py", "README.md"):
+        assert (out / rel).is_file(), rel
+    manifest = verify_export(out)
+    assert set(manifest["files"]) == {p.relative_to(out).as_posix() for p in out.rglob("*")
+                                      if p.is_file() and p.name != "manifest.json"}
+    assert manifest["lora"]["rank"] == 4 and manifest["config"]["model"]["lora"]["enabled"]
+    assert manifest["base_model"]["hash"].startswith("sha256-tensors:")
+    assert json.loads((out / "schedules.json").read_text()) == {"1": [1.0, 0.0], "2": [1.0, 0.5, 0.0]}
+    weights = json.loads((out / "transformer" / "config.json").read_text())
+    assert weights["in_channels"] == 24 and weights["out_channels"] == 12
+    from safetensors import safe_open
+
+    with safe_open(str(out / "transformer/diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert not any("lora" in k for k in f.keys())  # merged, no adapter layers left
+
+
+def _fluxir_restore(cfg, run, image, budget):
+    policy = load_policy(run / "rl" / "model", cfg, 12)  # the LoRA policy, adapters unmerged
+    from fluxir.codec import PixelCodec
+    from fluxir.evaluate import eval_schedule
+
+    return restore_image(policy, PixelCodec(), image, "denoise", cfg, eval_schedule(cfg, budget))
+
+
+def test_plain_diffusers_reproduces_fluxir_without_importing_it(lora_run, tmp_path):
+    """restore.py in a subprocess where `import fluxir` fails: same restoration as fluxir's, within
+    TOLERANCE, with the times read from schedules.json (a tiled 45×70 image: tile 16)."""
+    cfg, run, out = lora_run
+    save_image(torch.rand(3, 45, 70, generator=torch.Generator().manual_seed(1)), tmp_path / "in.png")
+    image = load_image(tmp_path / "in.png")
+    proc = subprocess.run([sys.executable, "-c", NO_FLUXIR, str(out / "restore.py"), "--task", "denoise",
+                           "--budget", "2", str(tmp_path / "in.png"), str(tmp_path / "out.npy")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = torch.from_numpy(np.load(tmp_path / "out.npy")).permute(2, 0, 1)
+    ours = _fluxir_restore(cfg, run, image, 2)
+    assert theirs.shape == ours.shape == (3, 45, 70)
+    assert (theirs - ours).abs().max() < TOLERANCE
+    assert (ours - image).abs().mean() > 1e-3  # the random LoRA really changes the output
+
+
+def test_restore_cli_uses_the_export(lora_run, tmp_path):
+    cfg, run, out = lora_run
+    save_image(torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(2)), tmp_path / "in.png")
+    assert main(["restore", "--model", str(out), "--task", "denoise", "--nfe", "2",
+                 str(tmp_path / "in.png"), str(tmp_path / "out.png")]) == 0
+    ours = _fluxir_restore(cfg, run, load_image(tmp_path / "in.png"), 2)
+    got = load_image(tmp_path / "out.png")
+    assert (got - ours).abs().max() <= 1 / 255 + 1e-6  # 8-bit rounding only
+
+
+def test_adapter_folder_rebuilds_the_merged_transformer(lora_run):
+    """peft route: the base transformer + adapter/x_embedder.safetensors + adapter/ (peft) gives the
+    same outputs as the merged transformer/."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg, _, out = lora_run
+    base = build_policy(cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"lora": cfg.model.lora.model_copy(update={"enabled": False})})}), 12).transformer
+    base.x_embedder.load_state_dict(load_file(str(out / "adapter" / "x_embedder.safetensors")))
+    inject_adapter_in_model(LoraConfig.from_pretrained(str(out / "adapter")), base)
+    result = set_peft_model_state_dict(base, load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    assert not result.unexpected_keys
+    merged = FluxTransformer2DModel.from_pretrained(out / "transformer")
+    gen = torch.Generator().manual_seed(3)
+    kw = dict(hidden_states=torch.randn(2, 16, 24, generator=gen),
+              encoder_hidden_states=torch.randn(2, 4, 32, generator=gen),
+              pooled_projections=torch.randn(2, 32, generator=gen), timestep=torch.tensor([0.3, 0.9]),
+              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3), return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(base(**kw)[0], merged(**kw)[0], atol=1e-5, rtol=1e-4)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tampered_file_is_refused_naming_it(lora_run, tmp_path, capsys):
+    out = _copy(lora_run[2], tmp_path / "tampered")
+    weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # same size, one byte of a tensor flipped
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="diffusion_pytorch_model.safetensors: sha256 does not match"):
+        load_export(out)
+    assert main(["restore", "--model", str(out), "--task", "sr", "in.png", "out.png"]) == 2
+    assert "diffusion_pytorch_model.safetensors" in capsys.readouterr().err
+
+
+def test_truncated_and_missing_files_are_refused_naming_them(lora_run, tmp_path):
+    out = _copy(lora_run[2], tmp_path / "truncated")
+    cond = out / "conditioning.safetensors"
+    cond.write_bytes(cond.read_bytes()[:100])
+    with pytest.raises(ExportError, match=r"conditioning.safetensors: truncated or altered: 100 bytes"):
+        verify_export(out)
+    out = _copy(lora_run[2], tmp_path / "missing")
+    (out / "schedules.json").unlink()
+    with pytest.raises(ExportError, match="schedules.json: missing"):
+        verify_export(out)
+    with pytest.raises(ExportError, match="not a fluxir export"):
+        verify_export(tmp_path)
+
+
+def test_export_never_overwrites(lora_run, capsys):
+    _, run, out = lora_run
+    with pytest.raises(FileExistsError, match="exists"):
+        main(["export", str(run), str(out)])
+    assert main(["export", str(run), str(out.parent / "x"), "--budget", "2"]) == 2  # no students in this run
+    assert "needs distilled students" in capsys.readouterr().err
+    assert not (out.parent / "x").exists() and not (out.parent / "x.partial").exists()
