@@ -34,6 +34,7 @@ from fluxir.report import write_json
 from fluxir.rollouts import to_record_batch, write_parquet
 
 from actors.runtime import init_ray
+from actors.tracking import DISTILL_GAUGES, StageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def prepare(cfg: Config, stage_dir: Path) -> dict:
                                             "validation_baselines": baselines})
     return {"cfg": cfg.model_dump(mode="json"), "teacher_state": teacher_policy.trainable_state_dict(),
             "calibration": sets["calibration"], "validation": sets["validation"], "cost": cost,
-            "schedules": schedules, "baselines": baselines, "teacher_dir": str(source)}
+            "schedules": schedules, "baselines": baselines, "teacher_dir": str(source), "stage": stage_dir.name}
 
 
 def _lpips(cfg: Config):
@@ -133,11 +134,13 @@ def distill_trial(params: dict, shared: dict) -> None:
         resume = {"start_step": state["step"], "schedule_state": state["schedule"],
                   "optimizer_state": state["optimizer"]}
     baseline = shared["baselines"][hp.budget]
+    gauges = StageMetrics(shared["stage"], DISTILL_GAUGES, budget=hp.budget, trial=tune.get_context().get_trial_id())
 
     def report(step, metrics, schedule, opt):
         metrics = {**metrics, "step": step, "nfe": hp.budget, "psnr_gain": metrics["psnr"] - baseline["psnr"]}
         if "lpips" in metrics and "lpips" in baseline:
             metrics["lpips_gain"] = baseline["lpips"] - metrics["lpips"]
+        gauges.record(metrics)
         with tempfile.TemporaryDirectory() as folder:
             _save_trial_state(Path(folder), policy, cfg, step, schedule, opt, hp)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

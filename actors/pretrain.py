@@ -5,6 +5,7 @@ import sys
 import time
 
 from actors.runtime import init_ray
+from actors.tracking import TRAIN_GAUGES, StageMetrics, Tracker
 from actors.train import load_ds_config, run_training
 
 RECIPE = "fluxir.pretrain:FlowMatchingRecipe"
@@ -49,7 +50,13 @@ def run_pretrain(cfg, show_progress: bool = True, resume: bool = True) -> dict:
 
         bar = tqdm(total=cfg.pretrain.steps, desc="pretrain", unit="step", file=sys.stdout)
 
+    gauges = StageMetrics("pretrain", TRAIN_GAUGES)
+    tracker = Tracker(cfg, "pretrain", cfg.run_dir / "pretrain")
+
     def progress(metrics: dict) -> None:
+        gauges.record(metrics)
+        if "step" in metrics:
+            tracker.log(metrics, step=int(metrics["step"]))
         if bar is not None and "step" in metrics:
             bar.n = int(metrics["step"])
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}",
@@ -64,6 +71,7 @@ def run_pretrain(cfg, show_progress: bool = True, resume: bool = True) -> dict:
                            keep_checkpoints=cfg.pretrain.keep_checkpoints, resume=resume,
                            log_every=cfg.pretrain.log_every, progress=progress)
     finally:
+        tracker.finish()
         if bar is not None:
             bar.close()
     return {"model_dir": out["model_dir"], "seconds": time.perf_counter() - start, "metrics": out["metrics"]}

@@ -27,7 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.learner import LearnerGroup, actor_options, threads_for
 from actors.runtime import init_ray
-from actors.tracking import RLMetrics, Tracker
+from actors.tracking import Tracker, rl_metrics
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
         ckpt_root = stage_dir / "checkpoints"
         state = load_latest(system, ckpt_root) or {"iteration": 0, "version": 0, "loop_seconds": 0.0, "history": []}
         system.sync(state["version"])
-        stream, metrics, tracker = rl_stream(cfg), RLMetrics(stage), Tracker(cfg, stage, stage_dir)
+        stream, metrics, tracker = rl_stream(cfg), rl_metrics(stage), Tracker(cfg, stage, stage_dir)
         bar = _progress(cfg, state["iteration"], stage) if show_progress else None
         while state["iteration"] < cfg.rl.iterations and not _out_of_time(cfg, state):
             record = _iteration(cfg, system, stream, state["iteration"], on_issued,

@@ -202,9 +202,10 @@ def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
             resume: bool = False) -> tuple[str, dict]:
     """Run stage 2 (one student per budget on Ray Tune) and evaluate teacher, cost-DP times and students."""
     from actors.distill import run_distill
-    from fluxir.report import distill_section, write_json
+    from fluxir.report import distill_section, write_json, write_pareto_plot
 
     out = run_distill(cfg, resume=resume)
+    write_pareto_plot(cfg.run_dir / "distill_pareto.png", out["rows"], "stage 2: students' validation quality vs NFE")
     teacher, cost_dp = _teacher_evals(cfg, out, known_teacher_eval)
     students = _evaluate_students(cfg, out["best"])
     evals = {"teacher": teacher, "cost_dp": cost_dp, "students": students}
@@ -217,6 +218,16 @@ def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
 def _command(args, verb: str, *extra: str) -> str:
     """The command line that reproduces this run, for the report."""
     return " ".join(["fluxir", verb, args.config, *args.overrides, *extra])
+
+
+def _publish(cfg: Config, stage: str, evals: dict[str, dict], images: dict[str, Path],
+             tables: dict[str, list[dict]] | None = None) -> None:
+    """A stage's final figures to wandb (offline by default): test-set means, plots and grids, tables."""
+    from actors.tracking import Tracker
+    from fluxir.report import summary_scalars
+
+    with Tracker(cfg, stage, cfg.run_dir / stage) as tracker:
+        tracker.publish(summary_scalars(evals), images, tables)
 
 
 def _write_stage_report(cfg: Config, section: str, name: str) -> int:
@@ -255,6 +266,8 @@ def cmd_sweep(args) -> int:
     section = sweep_section(out, evals, sweep, command, plot.name)
     write_json(cfg.run_dir / "sweep.json", {"rows": out["rows"], "evals": evals, "seconds": out["seconds"],
                                             "trials": out["trials"], "errored": out["errored"]})
+    trials = [{**r["params"], "step": r["step"], "stopped_early": r["stopped_early"], **r["metrics"]} for r in out["rows"]]
+    _publish(cfg, "sweep", {f"K{k}": e for k, e in evals.items()}, {"pareto": plot}, {"trials": trials})
     return _write_stage_report(cfg, section, "sweep_report.md")
 
 
@@ -293,9 +306,13 @@ def cmd_run(args) -> int:
     rl_text, evals = _stage1(cfg, command, base_eval=base)
     final = evals["rl"]
     print(f"[4/5] stage 2: distillation to {cfg.distill.budgets} steps from a {cfg.distill.teacher_nfe}-step teacher")
-    distill_text, _ = _stage2(cfg, command, known_teacher_eval=final)
+    distill_text, distilled = _stage2(cfg, command, known_teacher_eval=final)
     print("[5/5] writing the report")
     grids = write_grids(run_dir, testset, final, cfg.eval.grid_samples)
+    students = {f"student_K{k}": e for k, e in distilled["students"].items()}
+    _publish(cfg, "report", {"base": base, "rl": final, **students},
+             {**{f"before_after/{t}": run_dir / p for t, p in grids.items()},
+              "rl_gap": run_dir / "rl_gap.png", "distill_pareto": run_dir / "distill_pareto.png"})
     summary = [f"# fluxir run `{cfg.name}`",
                f"Stage 0: {cfg.pretrain.steps} steps, {trained['seconds']:.0f} s on {cfg.pretrain.num_workers} "
                f"Ray Train workers (DeepSpeed ZeRO-{cfg.pretrain.zero_stage}). Whole run: "
@@ -310,6 +327,13 @@ def cmd_run(args) -> int:
     print(report.read_text().split("## Before")[0])
     print(f"report: {report}")
     return 0
+
+
+def cmd_submit(args) -> int:
+    from actors.submit import submit
+
+    return submit(args.config, args.overrides, command=args.command, address=args.address,
+                  runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", help="sweep YAML (default: distill.sweep, configs/sweeps/distill.yaml)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (Tuner.restore)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("submit", help="submit `python -m fluxir <command> CONFIG` to a Ray cluster (Jobs API)")
+    _add_config(p)
+    p.add_argument("--address", help="dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--command", default="run", choices=["run", "pretrain", "rl", "distill", "sweep", "eval", "testset"],
+                   help="the fluxir subcommand the job runs (default: run)")
+    p.add_argument("--runtime-env", help="runtime env YAML (default: cluster/runtime_env.yaml)")
+    p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
+    p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("eval", help="per-task PSNR/SSIM(/LPIPS) on the frozen test set")
     _add_config(p)

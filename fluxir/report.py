@@ -185,6 +185,12 @@ def mean_metrics(result: dict, nfe: int) -> dict[str, float]:
     return {k: sum(e["nfe"][nfe][k] for e in tasks) / len(tasks) for k in keys}
 
 
+def summary_scalars(evals: dict[str, dict]) -> dict[str, float]:
+    """{"<name>/<metric>@nfe<n>": mean over tasks} for every evaluation in `evals` ({name: result})."""
+    return {f"{name}/{metric}@nfe{n}": value for name, result in evals.items() for n in result["nfe"]
+            for metric, value in mean_metrics(result, n).items()}
+
+
 def _fmt(m: dict | None, key: str) -> str:
     return METRIC_FORMAT[key].format(m[key]) if m and key in m else "–"
 
@@ -273,7 +279,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def write_pareto_plot(path: Path, rows: list[dict]) -> Path:
+def write_pareto_plot(path: Path, rows: list[dict], title: str = "sweep: quality vs NFE per trial") -> Path:
     """Validation PSNR (and LPIPS when measured) against NFE for every trial, by schedule kind, each
     panel with its Pareto front."""
     import matplotlib
@@ -301,7 +307,7 @@ def write_pareto_plot(path: Path, rows: list[dict]) -> Path:
                                                       "is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("sweep: quality vs NFE per trial", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,3 +25,53 @@ def ray_session():
     init_ray(num_cpus=2, dashboard=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cluster_smoke_run(tmp_path_factory):
+    """`configs/smoke.yaml` run as a user runs it on a cluster: `ray start --head` on loopback, then plain
+    `ray job submit` (cluster/runtime_env.yaml), watched through the Jobs REST API while the node's
+    Prometheus endpoint is scraped; then `fluxir submit --follow` of a short job. The head is stopped at
+    the end, also on failure. Returns what the tests check (the run folder, status, logs, metric names,
+    actor names, the `fluxir submit` output, pids left alive)."""
+    import re
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from tests.ray_head import LocalHead
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("runs")
+    run_args = ["run", str(root / "configs/smoke.yaml"), f"output_dir={out}"]
+    head, seen = LocalHead(num_cpus=2), set()
+    result = SimpleNamespace(run_dir=out / "smoke", args=run_args, status=None, logs="", metrics=seen, actors=[],
+                             submit=None, left=None)
+
+    def scrape():
+        try:
+            seen.update(re.findall(r"^ray_(fluxir_\w+?)(?:\{| )", head.metrics_text(), re.M))
+        except OSError:
+            pass  # the agent may not serve yet; the next tick tries again
+
+    try:
+        head.start()
+        job_id = f"fluxir-smoke-{uuid.uuid4().hex[:8]}"
+        subprocess.run([head.ray, "job", "submit", "--address", head.address, "--submission-id", job_id, "--no-wait",
+                        "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m", "fluxir", "run",
+                        "configs/smoke.yaml", f"output_dir={out}"],
+                       cwd=root, env=head.env(), check=True, capture_output=True, timeout=180)
+        info = head.wait_for_job(job_id, timeout=600, poll=scrape)
+        scrape()
+        result.status, result.job = info["status"], info
+        result.logs = head.get(f"/api/jobs/{job_id}/logs")["logs"]
+        result.actors = [a.get("name") for a in head.get("/api/v0/actors?limit=10000")["data"]["result"]["result"]]
+        result.submit = subprocess.run(
+            [sys.executable, "-m", "fluxir", "submit", "configs/smoke.yaml", f"output_dir={out}", "--command",
+             "testset", "--address", head.address, "--follow"],
+            cwd=root, env=head.env(), capture_output=True, text=True, timeout=300)
+    finally:
+        result.left = head.stop()
+    return result

@@ -11,7 +11,7 @@ from fluxir.cli import build_parser, main
 from fluxir.data import save_image
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["run", "pretrain", "rl", "distill", "sweep", "eval", "restore", "testset", "weights"]
+SUBCOMMANDS = ["run", "pretrain", "rl", "distill", "sweep", "eval", "restore", "export", "submit", "testset", "weights"]
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -43,12 +43,12 @@ def test_console_script_entry_point():
 
 
 @pytest.fixture(scope="module")
-def smoke_run(ray_session, tmp_path_factory):
-    """`fluxir run configs/smoke.yaml` into a temporary output folder (2 Ray Train workers, DeepSpeed)."""
-    out = tmp_path_factory.mktemp("runs")
-    args = ["run", str(ROOT / "configs/smoke.yaml"), f"output_dir={out}"]
-    assert main(args) == 0
-    return out / "smoke", args
+def smoke_run(cluster_smoke_run, ray_session):
+    """`fluxir run configs/smoke.yaml`, submitted with `ray job submit` to a `ray start` head (conftest.py;
+    tests/test_cluster.py checks the job itself). The tests here read its outputs and run later stages
+    on the test session's own local Ray."""
+    assert cluster_smoke_run.status == "SUCCEEDED", cluster_smoke_run.logs[-4000:]
+    return cluster_smoke_run.run_dir, cluster_smoke_run.args
 
 
 def test_run_writes_report_table_and_grids(smoke_run):
@@ -155,3 +155,30 @@ def test_restore_refuses_a_corrupt_image(smoke_run, tmp_path):
     with pytest.raises(BadImageError, match="bad.png"):
         main(["restore", "--policy", str(run_dir / "pretrain/model"), "--task", "sr", str(bad),
               str(tmp_path / "o.png")])
+
+
+def test_wandb_offline_runs_hold_figures_and_images(smoke_run):
+    """Offline wandb (the default): the pipeline's summary run holds the test-set means, the before/after
+    grids, the reward-gap and Pareto plots; stage 0 logged its loss curve."""
+    run_dir, _ = smoke_run
+    (report,) = (run_dir / "report" / "wandb").glob("offline-run-*")
+    media = [p.name for p in (report / "files" / "media" / "images").rglob("*.png")]
+    for key in ("before_after/denoise", "rl_gap", "distill_pareto"):
+        assert any(n.startswith(key.split("/")[-1]) for n in media), (key, media)
+    assert list((run_dir / "pretrain" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (run_dir / "distill_pareto.png").stat().st_size > 1000
+
+
+def test_export_of_the_run_and_restore_from_it(smoke_run, tmp_path):
+    """`fluxir export` picks the fewest-step student, carries its test-set means; `restore --model` uses it."""
+    run_dir, _ = smoke_run
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["stage"] == "distill" and manifest["default_budget"] == 1
+    assert manifest["budgets"]["1"]["metrics"]["psnr"] > 5
+    image = torch.rand(3, 40, 40)
+    save_image(image, tmp_path / "in.png")
+    assert main(["restore", "--model", str(out), "--task", "sr", str(tmp_path / "in.png"),
+                 str(tmp_path / "out.png")]) == 0
+    assert (tmp_path / "out.png").is_file()
