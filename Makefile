@@ -5,6 +5,10 @@ CONFIG ?= configs/tiny.yaml
 export DS_ACCELERATOR := cpu
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
+# The venv's tools first (python, ray, ninja) for every process make starts, Ray workers and jobs
+# included: DeepSpeed's JIT op build keys its cache on ninja's log, and a system ninja of another
+# version rebuilds the op (a minute on 2 cores) each time the two alternate.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: run test test-slow install clean
 

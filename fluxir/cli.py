@@ -117,20 +117,36 @@ def cmd_restore(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
+def _export(run_dir: Path, out_dir: Path, policy_dir: Path | None = None, budget: int | None = None) -> Path:
     from fluxir.export import export_policy, export_source, policy_schedules, recorded_metrics
 
-    run_dir = Path(args.run_dir)
-    policy_dir = Path(args.policy) if args.policy else export_source(run_dir, args.budget)
+    policy_dir = policy_dir or export_source(run_dir, budget)
     card = json.loads((policy_dir / "policy.json").read_text())
     cfg = Config.model_validate(card["config"])
     policy, codec = _load_trained(cfg, policy_dir)
     schedules = policy_schedules(card, cfg)
     source = {"run_dir": str(run_dir.resolve()), "policy_dir": str(policy_dir.resolve()), "stage": card.get("stage"),
               **{k: card[k] for k in ("budget", "schedule_kind", "step", "version") if k in card}}
-    out = export_policy(policy, codec, cfg, args.out_dir, schedules, source,
+    out = export_policy(policy, codec, cfg, out_dir, schedules, source,
                         recorded_metrics(run_dir, policy_dir, card, schedules))
     print(f"exported {policy_dir} -> {out} (budgets {sorted(schedules)}; checksums in {out / 'manifest.json'})")
+    return out
+
+
+def _replace_export(run_dir: Path) -> Path:
+    """`<run>/export`, rewritten: the new export is complete before the old one is removed."""
+    import shutil
+
+    target, fresh = run_dir / "export", run_dir / "export.new"
+    shutil.rmtree(fresh, ignore_errors=True)
+    _export(run_dir, fresh)
+    if target.exists():
+        shutil.rmtree(target)
+    return fresh.rename(target)
+
+
+def cmd_export(args) -> int:
+    _export(Path(args.run_dir), Path(args.out_dir), Path(args.policy) if args.policy else None, args.budget)
     return 0
 
 
@@ -307,7 +323,7 @@ def cmd_run(args) -> int:
     final = evals["rl"]
     print(f"[4/5] stage 2: distillation to {cfg.distill.budgets} steps from a {cfg.distill.teacher_nfe}-step teacher")
     distill_text, distilled = _stage2(cfg, command, known_teacher_eval=final)
-    print("[5/5] writing the report")
+    print("[5/5] writing the report and the export")
     grids = write_grids(run_dir, testset, final, cfg.eval.grid_samples)
     students = {f"student_K{k}": e for k, e in distilled["students"].items()}
     _publish(cfg, "report", {"base": base, "rl": final, **students},
@@ -325,6 +341,7 @@ def cmd_run(args) -> int:
     final.pop("images")
     write_json(run_dir / "eval.json", final)
     print(report.read_text().split("## Before")[0])
+    _replace_export(run_dir)
     print(f"report: {report}")
     return 0
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# This interpreter's bin first (as the Makefile does): Ray workers, jobs and DeepSpeed's op build then
+# all find the same python and ninja (two ninja versions make DeepSpeed rebuild its op each time).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 # Ray Train V2 workers block on each report until the controller polls (default every 2 s).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 

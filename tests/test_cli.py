@@ -62,6 +62,9 @@ def test_run_writes_report_table_and_grids(smoke_run):
     assert set(result["nfe"]) == {1, 2}
     assert all(e["lq"]["psnr"] > 5 for e in result["tasks"].values())
     assert (run_dir / "pretrain" / "model" / "policy.safetensors").is_file()
+    from fluxir.export import verify_export
+
+    assert verify_export(run_dir / "export")["source"]["stage"] == "distill"  # `fluxir run` ends with the export
 
 
 def test_run_includes_stage1_with_wandb_offline(smoke_run):
