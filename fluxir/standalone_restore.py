@@ -48,12 +48,12 @@ def encode(images, vae):
     if vae is None:
         return images * 2 - 1
     latents = vae.encode(images * 2 - 1).latent_dist.mode()
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
 
 def decode(latents, vae):
     if vae is not None:
-        latents = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+        latents = vae.decode(latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
     return ((latents + 1) / 2).clamp(0, 1)
 
 

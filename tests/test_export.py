@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from fluxir.cli import main
+from fluxir.codec import build_codec
 from fluxir.config import load_config
 from fluxir.data import load_image, save_image
 from fluxir.evaluate import restore_image
 from fluxir.export import ExportError, load_export, verify_export
 from fluxir.policy import build_policy, load_policy, save_policy
+from fluxir.pretrain import token_channels
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # max |Δ| in [0, 1] pixel units between fluxir (LoRA unmerged) and diffusers (merged)
@@ -37,21 +39,41 @@ assert not loaded, loaded
 """
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """A run folder whose rl/model is a LoRA policy with random (non-zero) adapter weights."""
-    cfg = load_config(ROOT / "configs/smoke.yaml", ["model.lora.enabled=true", "model.lora.rank=4"])
-    policy = build_policy(cfg, 12)
+def _exported_run(tmp_path_factory, overrides: list[str]):
+    """A run folder whose rl/model is the smoke policy with every trainable weight perturbed (so a LoRA is
+    not a no-op), exported with `fluxir export`."""
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides)
+    policy = build_policy(cfg, token_channels(build_codec(cfg)))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in policy.named_parameters():
-            if p.requires_grad:  # lora_A/B, x_embedder (incl. the LQ columns), task tokens
+            if p.requires_grad:  # lora_A/B or all weights, x_embedder (incl. the LQ columns), task tokens
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
     run = tmp_path_factory.mktemp("run")
     save_policy(policy, run / "rl" / "model", cfg, {"stage": "rl"})
-    out = tmp_path_factory.mktemp("exports") / "lora"
+    out = tmp_path_factory.mktemp("exports") / "model"
     assert main(["export", str(run), str(out)]) == 0
     return cfg, run, out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """Pixel codec, LoRA rank 4 (merged in transformer/, kept in adapter/)."""
+    return _exported_run(tmp_path_factory, ["model.lora.enabled=true", "model.lora.rank=4"])
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    """A VAE codec (a small random AutoencoderKL without a shift factor), full fine-tune."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, scaling_factor=0.5)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return _exported_run(tmp_path_factory, ["codec.kind=vae", f"codec.vae_path={path}"])
 
 
 def test_export_layout_and_manifest(lora_run):
@@ -75,17 +97,19 @@ def test_export_layout_and_manifest(lora_run):
 
 
 def _fluxir_restore(cfg, run, image, budget):
-    policy = load_policy(run / "rl" / "model", cfg, 12)  # the LoRA policy, adapters unmerged
-    from fluxir.codec import PixelCodec
     from fluxir.evaluate import eval_schedule
 
-    return restore_image(policy, PixelCodec(), image, "denoise", cfg, eval_schedule(cfg, budget))
+    codec = build_codec(cfg)
+    policy = load_policy(run / "rl" / "model", cfg, token_channels(codec))  # as trained: LoRA unmerged
+    return restore_image(policy, codec, image, "denoise", cfg, eval_schedule(cfg, budget))
 
 
-def test_plain_diffusers_reproduces_fluxir_without_importing_it(lora_run, tmp_path):
+@pytest.mark.parametrize("which", ["lora_run", "vae_run"])
+def test_plain_diffusers_reproduces_fluxir_without_importing_it(which, request, tmp_path):
     """restore.py in a subprocess where `import fluxir` fails: same restoration as fluxir's, within
     TOLERANCE, with the times read from schedules.json (a tiled 45×70 image: tile 16)."""
-    cfg, run, out = lora_run
+    cfg, run, out = request.getfixturevalue(which)
+    assert (out / "vae" / "config.json").is_file() == (which == "vae_run")
     save_image(torch.rand(3, 45, 70, generator=torch.Generator().manual_seed(1)), tmp_path / "in.png")
     image = load_image(tmp_path / "in.png")
     proc = subprocess.run([sys.executable, "-c", NO_FLUXIR, str(out / "restore.py"), "--task", "denoise",

@@ -152,6 +152,7 @@ print("FINAL", out["version"], out["iterations"], flush=True)
 """
 
 
+@pytest.mark.slow  # SIGKILLs a driver and resumes it: ~70 s; CI runs it (`make test-slow`)
 def test_driver_sigkill_then_resume(ray_session, base, tmp_path):
     """SIGKILL the driver after a checkpoint; the rerun resumes and reaches the same final version."""
     address = ray_session.get_runtime_context().gcs_address

@@ -76,6 +76,7 @@ def test_saved_model_reloads_and_reproduces_loss(straight_run):
     assert reloaded < 0.5 * recipe.eval_loss(recipe.build_model())
 
 
+@pytest.mark.slow  # a second training run from a checkpoint: ~60 s; CI runs it (`make test-slow`)
 def test_resume_continues_at_checkpoint_and_matches_straight_run(straight_run, run_dir):
     first = _train(run_dir, "resumed", 20)
     assert first["metrics"]["step"] == 20
