@@ -127,9 +127,14 @@ def _export(run_dir: Path, out_dir: Path, policy_dir: Path | None = None, budget
     schedules = policy_schedules(card, cfg)
     source = {"run_dir": str(run_dir.resolve()), "policy_dir": str(policy_dir.resolve()), "stage": card.get("stage"),
               **{k: card[k] for k in ("budget", "schedule_kind", "step", "version") if k in card}}
-    out = export_policy(policy, codec, cfg, out_dir, schedules, source,
-                        recorded_metrics(run_dir, policy_dir, card, schedules))
-    print(f"exported {policy_dir} -> {out} (budgets {sorted(schedules)}; checksums in {out / 'manifest.json'})")
+    return export_policy(policy, codec, cfg, out_dir, schedules, source,
+                         recorded_metrics(run_dir, policy_dir, card, schedules), in_place=True)
+
+
+def _print_export(out: Path) -> Path:
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"exported {manifest['source']['policy_dir']} -> {out} (budgets {sorted(manifest['budgets'], key=int)}; "
+          f"sha256 of every file in {out / 'manifest.json'})")
     return out
 
 
@@ -142,11 +147,12 @@ def _replace_export(run_dir: Path) -> Path:
     _export(run_dir, fresh)
     if target.exists():
         shutil.rmtree(target)
-    return fresh.rename(target)
+    return _print_export(fresh.rename(target))
 
 
 def cmd_export(args) -> int:
-    _export(Path(args.run_dir), Path(args.out_dir), Path(args.policy) if args.policy else None, args.budget)
+    _print_export(_export(Path(args.run_dir), Path(args.out_dir), Path(args.policy) if args.policy else None,
+                          args.budget))
     return 0
 
 

@@ -97,11 +97,12 @@ def base_model_identity(cfg, token_channels: int) -> dict:
 
 # --- writing an export ---------------------------------------------------------------------------
 
-def _merged_transformer(policy):
-    """A copy of the policy's transformer with any LoRA fused into its weights and the adapters removed."""
+def _merged_transformer(policy, in_place: bool):
+    """The policy's transformer with any LoRA fused into its weights and the adapters removed; a copy
+    unless `in_place` (a 12B transformer is not copied twice in memory when the caller is done with it)."""
     import copy
 
-    transformer = copy.deepcopy(policy.transformer)
+    transformer = policy.transformer if in_place else copy.deepcopy(policy.transformer)
     if getattr(transformer, "peft_config", None):
         transformer.fuse_lora(safe_fusing=True)
         transformer.unload_lora()
@@ -144,9 +145,10 @@ def _model_card(manifest: dict) -> str:
 
 
 def export_policy(policy, codec, cfg, out_dir: str | Path, schedules: dict[int, list[float]],
-                  source: dict, metrics: dict[int, dict] | None = None) -> Path:
+                  source: dict, metrics: dict[int, dict] | None = None, in_place: bool = False) -> Path:
     """Write the export of `policy` (a RestorationPolicy) to `out_dir` (must not exist; written to a
-    temporary sibling first, then renamed, so a failed export leaves nothing half-written)."""
+    temporary sibling first, then renamed, so a failed export leaves nothing half-written).
+    `in_place`: fuse the LoRA into `policy` itself instead of a copy (the policy is spent afterwards)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; choose a new folder for the export")
@@ -154,9 +156,9 @@ def export_policy(policy, codec, cfg, out_dir: str | Path, schedules: dict[int, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _merged_transformer(policy).save_pretrained(tmp / "transformer", safe_serialization=True)
-        if cfg.model.lora.enabled:
+        if cfg.model.lora.enabled:  # before the merge, which removes the adapter layers
             _write_adapter(policy, cfg.model.lora, tmp / "adapter")
+        _merged_transformer(policy, in_place).save_pretrained(tmp / "transformer", safe_serialization=True)
         if cfg.codec.kind == "vae":
             codec.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         save_file({"prompt_embeds": policy.task_tokens.detach().contiguous().cpu(),
