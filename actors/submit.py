@@ -19,17 +19,19 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNTIME_ENV = PROJECT_ROOT / "cluster" / "runtime_env.yaml"
 
 
-def _token_available() -> bool:
+def auth_token() -> str | None:
+    """The Ray auth token this client would send: $RAY_AUTH_TOKEN, else the file at $RAY_AUTH_TOKEN_PATH
+    or ~/.ray/auth_token (Ray's own lookup order), else None."""
     if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    return Path(path).is_file()
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
 
 
 def enable_token_auth() -> None:
     """Send Ray's auth token when one is available: the Jobs client sends it only with RAY_AUTH_MODE=token
     (read when ray is imported), and a token-protected cluster refuses requests without it."""
-    if "RAY_AUTH_MODE" not in os.environ and _token_available():
+    if "RAY_AUTH_MODE" not in os.environ and auth_token():
         os.environ["RAY_AUTH_MODE"] = "token"
 
 

@@ -41,9 +41,7 @@ def cluster_smoke_run(tmp_path_factory):
     actor names, the `fluxir submit` output, pids left alive)."""
     import re
     import subprocess
-    import sys
     import uuid
-    from pathlib import Path
     from types import SimpleNamespace
 
     from tests.ray_head import LocalHead

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from actors.submit import auth_token
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -31,13 +33,6 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
-
-
-def auth_token() -> str | None:
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"]
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    return path.read_text().strip() if path.is_file() else None
 
 
 class LocalHead:
