@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,17 +20,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+from common import ROOT, machine  # noqa: E402  (benchmarks/common.py: puts the repo on sys.path)
 from fluxir.config import load_config  # noqa: E402
 
 SPLIT = ("rollout_s", "reward_s", "learn_s", "sync_s", "iteration_s")
-
-
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "processor": platform.processor() or platform.machine()}
 
 
 def summarise(history: list[dict], warmup: int) -> dict:

@@ -37,12 +37,9 @@ def _load_trained(cfg: Config, policy_dir: Path):
 
 
 def _testset(cfg: Config) -> dict:
-    from fluxir.data import load_testset, materialise_testset
+    from fluxir.data import frozen_testset
 
-    d = cfg.data
-    path = materialise_testset(cfg.testset_dir, tasks=d.tasks, crop=d.test_crop,
-                               crops_per_image=d.test_crops_per_image, seed=1234, scale=d.test_scale)
-    return load_testset(path)
+    return frozen_testset(cfg)
 
 
 def cmd_pretrain(args) -> int:

@@ -404,6 +404,21 @@ def _read_manifest(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_testset_current(folder: str | Path) -> None:
+    """Raise ValueError unless every stored LQ is what today's degradation code makes of its stored GT and
+    seed (to the 8-bit step): a set built by an older version of a degradation is stale, and its numbers
+    would not match a fresh clone's."""
+    data = load_testset(folder)
+    for task, d in data.items():
+        fresh = quantise(degrade(task, d["gt"], d["seeds"]))
+        worst = (fresh - d["lq"]).abs().flatten(1).amax(1)
+        stale = [d["names"][i] for i in torch.nonzero(worst > 1.5 / 255).flatten().tolist()]
+        if stale:
+            raise ValueError(f"test set {folder} is stale: {task} LQ of {stale[:3]} ({len(stale)} of "
+                             f"{len(worst)}) differ from what the current degradation makes of their GT and seed "
+                             f"(max {float(worst.max()) * 255:.0f}/255); delete the folder to rebuild it")
+
+
 def materialise_testset(out_dir: str | Path, tasks: Sequence[str] = TASKS, crop: int = 64,
                         crops_per_image: int = 4, seed: int = 1234, scale: float = 1.0) -> Path:
     """Build (once) the frozen test set: textured GT crops of the bundled test photos and each task's LQ.
@@ -423,6 +438,7 @@ def materialise_testset(out_dir: str | Path, tasks: Sequence[str] = TASKS, crop:
     existing = _read_manifest(out_dir)
     if existing is not None:
         if existing.get("format_version") == TESTSET_FORMAT and existing.get("spec") == spec:
+            check_testset_current(out_dir)
             log.info("reusing test set %s", out_dir)
             return out_dir
         raise ValueError(f"test set {out_dir} was built with spec {existing.get('spec')} "
@@ -449,6 +465,14 @@ def materialise_testset(out_dir: str | Path, tasks: Sequence[str] = TASKS, crop:
         raise
     log.info("wrote test set %s: %d pairs", out_dir, len(manifest["pairs"]))
     return out_dir
+
+
+def frozen_testset(cfg) -> dict[str, dict]:
+    """The frozen test set a `Config` names (built once under `cfg.testset_dir`), loaded."""
+    d = cfg.data
+    path = materialise_testset(cfg.testset_dir, tasks=d.tasks, crop=d.test_crop,
+                               crops_per_image=d.test_crops_per_image, seed=1234, scale=d.test_scale)
+    return load_testset(path)
 
 
 def load_testset(folder: str | Path) -> dict[str, dict]:

@@ -176,10 +176,18 @@ class MotionDeblur(Degradation):
     noise_std: ClassVar[float] = 1 / 255
     kernel_size: ClassVar[int] = 15
 
+    def _kernels(self, gens: list[torch.Generator]) -> Tensor:
+        p = _uniform(gens, [self.ranges["length"], self.ranges["angle"]])
+        return motion_kernels(p[:, 0], p[:, 1], self.kernel_size)
+
+    def kernels_of(self, seeds: Tensor) -> Tensor:
+        """The blur kernels `(B, k, k)` the samples with these seeds were degraded with (correlation
+        kernels, as `filter_per_sample` applies them): the "true kernel" a non-blind deblurrer gets."""
+        return self._kernels(_generators(seeds))
+
     def apply(self, gt: Tensor, seeds: Tensor) -> Tensor:
         gens = _generators(seeds)
-        p = _uniform(gens, [self.ranges["length"], self.ranges["angle"]])
-        blurred = filter_per_sample(gt, motion_kernels(p[:, 0], p[:, 1], self.kernel_size))
+        blurred = filter_per_sample(gt, self._kernels(gens))
         return blurred + self.noise_std * _normal(gens, tuple(gt.shape[1:]))
 
 
@@ -263,6 +271,10 @@ class Denoise(Degradation):
         """Per-sample σ in [0, 1] units `(B,)`."""
         idx = torch.cat([torch.randint(len(self.sigmas), (1,), generator=g) for g in gens])
         return torch.tensor(self.sigmas)[idx] / 255
+
+    def sigmas_of(self, seeds: Tensor) -> Tensor:
+        """The σ `(B,)` (in [0, 1] units) the samples with these seeds got: what a non-blind denoiser gets."""
+        return self.sample_sigmas(_generators(seeds))
 
     def apply(self, gt: Tensor, seeds: Tensor) -> Tensor:
         gens = _generators(seeds)

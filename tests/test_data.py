@@ -13,7 +13,7 @@ from PIL import Image
 
 from fluxir.data import (
     BadImageError, ImageFolderSource, PairedFolderSource, TrainStream, bundled_images, load_image,
-    load_testset, materialise_testset, textured_crops,
+    load_testset, materialise_testset, save_image, textured_crops,
 )
 from fluxir.degradations import TASKS, degrade
 
@@ -242,3 +242,15 @@ def test_testset_idempotent_and_rejects_other_spec(testset):
     with pytest.raises(ValueError, match=r"frozen was built with spec .*delete the folder or choose another"):
         materialise_testset(testset, **{**SPEC, "seed": 6})
     assert [p.name for p in testset.parent.iterdir()] == ["frozen"], "no temporary build folder left behind"
+
+
+def test_stale_testset_is_refused_naming_the_task(testset, tmp_path):
+    """A set whose LQ no longer matches what the current degradation makes of its GT and seed (built by an
+    older version of the code) is refused on reuse instead of silently scoring against other inputs."""
+    import shutil
+
+    stale = shutil.copytree(testset, tmp_path / "frozen")
+    lq = stale / "denoise" / "LQ" / "china_1.png"
+    save_image(load_image(lq, min_size=1).flip(-1), lq)  # what an older noise model might have produced
+    with pytest.raises(ValueError, match=r"is stale: denoise LQ of \['china_1.png'\] \(1 of 4\)"):
+        materialise_testset(stale, **SPEC)
