@@ -75,6 +75,7 @@ class LearnerActor:
     def setup(self, master: str, port: int, local_rank: int, ds_config: dict) -> dict:
         import torch
 
+        from fluxir.accel import place, training_attention
         from fluxir.codec import build_codec
         from fluxir.policy import load_policy
         from fluxir.pretrain import token_channels
@@ -85,6 +86,7 @@ class LearnerActor:
         os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": str(local_rank),
                            "MASTER_ADDR": master, "MASTER_PORT": str(port)})
         deepspeed = _import_deepspeed()
+        training_attention()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://{master}:{port}",
                                    rank=self.rank, world_size=self.world)
@@ -93,6 +95,7 @@ class LearnerActor:
         params = [p for p in policy.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=params, config=ds_config,
                                                dist_init_required=False)
+        place(self.codec, self.cfg.model.dtype, self.engine.device)  # DeepSpeed placed the policy
         self.objective = RLObjective(self.cfg, self.codec)
         return {"rank": self.rank, "backend": backend, "zero_stage": self.engine.zero_optimization_stage(),
                 "trainable": sum(p.numel() for p in params)}
@@ -101,11 +104,14 @@ class LearnerActor:
         import torch
         import torch.distributed as dist
 
+        from fluxir.accel import to_device
+
         n = len(batch["seed"])
         lo, hi = shard_bounds(n, self.rank, self.world)
         params = [p for p in self.engine.module.parameters() if p.requires_grad]
         if hi > lo:
-            per, logs = self.objective.per_sample(self.engine, {k: v[lo:hi] for k, v in batch.items()})
+            shard = to_device({k: v[lo:hi] for k, v in batch.items()}, self.engine.device)
+            per, logs = self.objective.per_sample(self.engine, shard)
             loss = per.sum() * (self.world / n)
         else:  # an empty shard still joins the gradient all-reduce
             per, logs = torch.zeros(0), {}

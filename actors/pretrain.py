@@ -69,7 +69,8 @@ def run_pretrain(cfg, show_progress: bool = True, resume: bool = True) -> dict:
                            steps=cfg.pretrain.steps, num_workers=cfg.pretrain.num_workers,
                            ds_config=deepspeed_config(cfg), checkpoint_every=cfg.pretrain.checkpoint_every,
                            keep_checkpoints=cfg.pretrain.keep_checkpoints, resume=resume,
-                           log_every=cfg.pretrain.log_every, progress=progress)
+                           log_every=cfg.pretrain.log_every, progress=progress,
+                           resources_per_worker=cfg.pretrain.worker_resources)
     finally:
         tracker.finish()
         if bar is not None:

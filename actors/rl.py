@@ -47,6 +47,7 @@ class RolloutActor:
     def __init__(self, config: dict, init_dir: str, index: int, threads: int):
         import torch
 
+        from fluxir.accel import place
         from fluxir.codec import build_codec
         from fluxir.config import config_from_dict
         from fluxir.policy import load_policy
@@ -57,6 +58,9 @@ class RolloutActor:
         self.index = index
         self.codec = build_codec(self.cfg)
         self.policy = load_policy(init_dir, self.cfg, token_channels(self.codec))
+        # bf16 (model.dtype) on the GPU Ray assigned, a fraction of one when actors share it
+        self.device = place(self.policy, self.cfg.model.dtype)
+        place(self.codec, self.cfg.model.dtype, self.device)
         self.version = 0
 
     def ping(self) -> int:
@@ -64,10 +68,10 @@ class RolloutActor:
 
     def set_weights(self, weights) -> int:
         """Load a verified `WeightSet`; a partial/tampered/mismatched one raises and changes nothing."""
-        from fluxir.weightsync import verify_weight_set
+        from fluxir.weightsync import verify_weight_set, wire_format
 
-        verify_weight_set(weights, self.policy.trainable_state_dict())
-        self.policy.load_trainable_state_dict(weights.tensors)
+        verify_weight_set(weights, wire_format(self.policy.trainable_state_dict()))
+        self.policy.load_trainable_state_dict(weights.tensors)  # cast to the actor's dtype and device
         self.version = weights.version
         return self.version
 
@@ -79,7 +83,8 @@ class RolloutActor:
         from fluxir.rollouts import to_record_batch
 
         k = self.cfg.rl.candidates
-        out = sample_candidates(self.policy, self.codec, inputs["lq"], inputs["task"], inputs["seed"], self.cfg)
+        out = sample_candidates(self.policy, self.codec, inputs["lq"].to(self.device), inputs["task"].to(self.device),
+                                inputs["seed"], self.cfg)
         n = len(inputs["seed"])
         rep = lambda x: x.repeat_interleave(k, 0)  # noqa: E731
         columns = {
@@ -98,12 +103,16 @@ class RewardWorker:
     def __init__(self, config: dict, threads: int):
         import torch
 
+        from fluxir.accel import runtime_device
         from fluxir.config import config_from_dict
         from fluxir.metrics import load_lpips
 
         torch.set_num_threads(threads)
         self.cfg = config_from_dict(config)
         self.lpips = load_lpips() if self.cfg.rl.reward.lpips > 0 else None  # LPIPSUnavailable names the fix
+        self.device = runtime_device()  # the GPU when the worker was given one (rl.reward_resources)
+        if self.lpips is not None:
+            self.lpips.to(self.device)
 
     def ping(self) -> bool:
         return True
@@ -117,7 +126,8 @@ class RewardWorker:
 
         final, gt = column_tensor(batch, "final"), column_tensor(batch, "gt")
         with torch.no_grad():
-            metrics = compute_metrics(final, gt, lpips=self.lpips)
+            metrics = compute_metrics(final.to(self.device), gt.to(self.device), lpips=self.lpips)
+            metrics = {k: v.cpu() for k, v in metrics.items()}
         reward = combine_reward(metrics, self.cfg.rl.reward)
         metrics.setdefault("lpips", torch.full_like(reward, float("nan")))
         return with_scores(batch, {**metrics, "reward": reward})

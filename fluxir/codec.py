@@ -67,20 +67,24 @@ class VaeCodec(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "VaeCodec":
         from diffusers import AutoencoderKL
 
+        from fluxir.flux_folder import require
+
         path = Path(path)
-        if not (path / "config.json").is_file():
+        if path.name == "vae":  # inside a pipeline folder: name every missing file, weights too
+            require(path.parent, ("vae",), "the VAE codec")
+        elif not (path / "config.json").is_file():
             raise FileNotFoundError(f"no AutoencoderKL at {path} (missing config.json)")
         return cls(AutoencoderKL.from_pretrained(path))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(images * 2 - 1).latent_dist
-        return (dist.mode() - self.shift_factor) * self.scaling_factor
+        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        return ((dist.mode() - self.shift_factor) * self.scaling_factor).to(images.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode(latents / self.scaling_factor + self.shift_factor).sample
-        return ((x + 1) / 2).clamp(0, 1)
+        x = self.vae.decode((latents / self.scaling_factor + self.shift_factor).to(self.vae.dtype)).sample
+        return ((x.to(latents.dtype) + 1) / 2).clamp(0, 1)
 
 
 def build_codec(cfg) -> nn.Module:

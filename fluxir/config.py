@@ -33,6 +33,19 @@ class LoraConfig(Strict):
                           "ff_context.net.2", "proj_mlp", "proj_out"]
 
 
+# One instruction per task for FLUX's text encoders (flux-dev); tiny learns its task tokens instead.
+TASK_PROMPTS = {
+    "sr": "Super-resolve this low-resolution photo into a sharp, detailed high-resolution photo.",
+    "deblur": "Remove the motion blur from this photo and restore its sharp edges.",
+    "lowlight": "Brighten this underexposed low-light photo and restore natural colours and detail.",
+    "underwater": "Remove the blue-green underwater colour cast and haze from this photo.",
+    "denoise": "Remove the noise from this photo while keeping its fine texture.",
+    "raindrop": "Remove the raindrops from this photo and restore the scene behind them.",
+    "desnow": "Remove the falling snow from this photo and restore the scene behind it.",
+}
+BLIND_PROMPT = "Restore this degraded photo into a clean, sharp, natural high-quality photo."
+
+
 class ModelConfig(Strict):
     """The FluxTransformer2DModel policy. `tiny` builds from the sizes below; `flux-dev` loads `path`."""
     preset: Literal["tiny", "flux-dev"] = "tiny"
@@ -47,8 +60,21 @@ class ModelConfig(Strict):
     text_tokens: int = Field(4, ge=1)  # learned task tokens per task (tiny)
     parametrization: Literal["velocity", "x0_residual"] = "x0_residual"
     conditioning: Literal["task", "blind"] = "task"
-    prompt_cache: str | None = None  # safetensors of cached prompt embeddings (flux-dev)
+    prompt_cache: str | None = None  # safetensors of cached prompt embeddings (flux-dev; `fluxir embed-prompts`)
+    # The fixed instruction per task that `fluxir embed-prompts` encodes (T5 + CLIP); `blind` encodes BLIND_PROMPT.
+    prompts: dict[str, str] = dict(TASK_PROMPTS)
+    max_sequence_length: int = Field(512, ge=1, le=512)  # T5 tokens per prompt (FLUX.1-dev: 512)
+    guidance: float | None = None  # FLUX.1-dev's distilled-guidance input (guidance_embeds models); None: 1.0
+    # Weights of rollout actors and evaluation ("bfloat16" on GPUs); the learner's precision is its DeepSpeed JSON.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False  # recompute each block in backward (diffusers), for 512/1024 px on GPUs
     lora: LoraConfig = LoraConfig()
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _over_defaults(cls, v: dict[str, str]) -> dict[str, str]:
+        """A partial `model.prompts` (e.g. one override) replaces only the tasks it names."""
+        return {**TASK_PROMPTS, **(v or {})}
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -57,6 +83,11 @@ class ModelConfig(Strict):
                              f"{self.attention_head_dim}")
         if self.preset == "flux-dev" and not self.path:
             raise ValueError("preset flux-dev needs model.path (a local diffusers folder)")
+        if self.preset == "flux-dev" and not self.prompt_cache:
+            raise ValueError("preset flux-dev needs model.prompt_cache (write it with `fluxir embed-prompts CONFIG`)")
+        unknown = sorted(set(self.prompts) - set(TASKS))
+        if unknown:
+            raise ValueError(f"model.prompts names unknown task(s) {unknown}; known: {list(TASKS)}")
         return self
 
 
@@ -113,6 +144,7 @@ class PretrainConfig(Strict):
     num_workers: int = Field(2, ge=1)
     deepspeed: str = "configs/deepspeed/zero2_cpu.json"
     zero_stage: int = Field(2, ge=0, le=3)
+    worker_resources: dict[str, float] = {"CPU": 1}  # per Ray Train rank; {"CPU": 8, "GPU": 1} on a GPU node
     loss: Literal["mse", "log_mse"] = "log_mse"
     t_start_fraction: float = Field(0.5, ge=0, le=1)  # share of samples at t = t_start (the 1-NFE state)
     checkpoint_every: int = Field(500, ge=1)

@@ -73,8 +73,10 @@ def stochastic_step(x_t, velocity, t, s, mu, sigma: float, rho: float, noise: to
     if rho == 0:
         return mean, torch.zeros(x_t.shape[0], device=x_t.device)
     if noise is None:
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-    x_s = mean + std * noise
+        # drawn on the generator's device (CPU by default), so a seed gives the same path on any device
+        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype,
+                            device=generator.device if generator is not None else x_t.device)
+    x_s = mean + std * noise.to(x_t.device)
     return x_s, gaussian_log_prob(x_s, mean, std)
 
 

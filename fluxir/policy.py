@@ -38,7 +38,9 @@ def widen_input(transformer, extra_channels: int) -> None:
         if old.bias is not None:
             new.bias.copy_(old.bias)
     transformer.x_embedder = new
-    transformer.register_to_config(in_channels=old.in_features + extra_channels)
+    # out_channels: None in FLUX.1-dev's config means "= in_channels"; pin it before in_channels grows
+    transformer.register_to_config(in_channels=old.in_features + extra_channels,
+                                   out_channels=transformer.proj_out.out_features)
 
 
 def zero_output(transformer) -> None:
@@ -84,16 +86,23 @@ class RestorationPolicy(nn.Module):
         idx = task if self.num_conditions > 1 else torch.zeros_like(task)
         return self.task_tokens[idx], self.task_pooled[idx]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The transformer's input dtype (bf16 on a GPU cluster); the flow state stays in its own dtype."""
+        return self.transformer.x_embedder.weight.dtype
+
     def forward(self, x_t, lq, t, task, img_ids) -> Prediction:
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
-        tokens, pooled = self.conditioning(task)
+        dtype = self.compute_dtype
+        tokens, pooled = self.conditioning(task.to(self.task_tokens.device))
         txt_ids = torch.zeros(tokens.shape[1], 3, dtype=img_ids.dtype, device=img_ids.device)
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full_like(t, self.guidance if self.guidance is not None else 1.0)
-        out = self.transformer(hidden_states=torch.cat([x_t, lq], dim=-1), encoder_hidden_states=tokens,
-                               pooled_projections=pooled, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
-                               guidance=guidance, return_dict=False)[0]
+            guidance = torch.full_like(t, self.guidance if self.guidance is not None else 1.0).to(dtype)
+        out = self.transformer(hidden_states=torch.cat([x_t, lq], dim=-1).to(dtype),
+                               encoder_hidden_states=tokens.to(dtype), pooled_projections=pooled.to(dtype),
+                               timestep=t.to(dtype), img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
+                               return_dict=False)[0].to(x_t.dtype)
         if self.parametrization == "velocity":
             return Prediction(out, flow.x0_hat(x_t, out, t))
         x0 = lq + out
@@ -128,28 +137,18 @@ def _tiny_transformer(m, token_channels: int):
         axes_dims_rope=tuple(m.axes_dims_rope))
 
 
-def _pretrained_transformer(path: Path, token_channels: int):
+def _pretrained_transformer(path: Path, token_channels: int, dtype_name: str):
+    """The frozen base from <path>/transformer, loaded in `model.dtype` (bf16: 24 GB for FLUX.1-dev, not 48)."""
     from diffusers import FluxTransformer2DModel
 
-    folder = path / "transformer"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {path}: missing transformer/config.json (a diffusers FLUX folder)")
-    transformer = FluxTransformer2DModel.from_pretrained(folder)
+    from fluxir.accel import DTYPES
+    from fluxir.flux_folder import require
+
+    folder = require(path, ("transformer",), "the flux-dev policy") / "transformer"
+    transformer = FluxTransformer2DModel.from_pretrained(folder, dtype=DTYPES[dtype_name])
     if transformer.config.in_channels != token_channels:
         raise ValueError(f"{folder}: in_channels {transformer.config.in_channels} != codec tokens {token_channels}")
     return transformer
-
-
-def load_prompt_cache(path: str | Path, num_conditions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached per-task prompt embeddings: `prompt_embeds` (T, L, D) and `pooled_prompt_embeds` (T, P)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt cache {path} not found (compute it with `fluxir embed-prompts`)")
-    cache = load_file(str(path))
-    tokens, pooled = cache["prompt_embeds"], cache["pooled_prompt_embeds"]
-    if tokens.shape[0] != num_conditions:
-        raise ValueError(f"prompt cache {path} holds {tokens.shape[0]} prompts, need {num_conditions}")
-    return tokens, pooled
 
 
 def build_policy(cfg, token_channels: int) -> RestorationPolicy:
@@ -161,28 +160,36 @@ def build_policy(cfg, token_channels: int) -> RestorationPolicy:
         if m.preset == "tiny":
             transformer = _tiny_transformer(m, token_channels)
         else:
-            transformer = _pretrained_transformer(Path(m.path), token_channels)
-        widen_input(transformer, token_channels)
-        if m.parametrization == "x0_residual":
-            zero_output(transformer)
+            transformer = _pretrained_transformer(Path(m.path), token_channels, m.dtype)
         if m.prompt_cache:
-            tokens, pooled = load_prompt_cache(m.prompt_cache, num_conditions)
-            learn = False
+            from fluxir.prompts import load_prompt_cache
+
+            tokens, pooled = load_prompt_cache(m.prompt_cache, cfg)
         else:
             cfg_t = transformer.config
             tokens = torch.randn(num_conditions, m.text_tokens, cfg_t.joint_attention_dim) * 0.02
             pooled = torch.randn(num_conditions, cfg_t.pooled_projection_dim) * 0.02
-            learn = True
-        if m.lora.enabled:
-            transformer.requires_grad_(False)
-            add_lora(transformer, m.lora)
-            transformer.x_embedder.requires_grad_(True)  # the new LQ input columns must learn
-    policy = RestorationPolicy(transformer, token_channels, m.parametrization, tokens, pooled, learn,
-                               guidance=getattr(m, "guidance", None))
+        policy = assemble_policy(transformer, m, token_channels, tokens, pooled, learn_conditioning=not m.prompt_cache)
     log.info("policy: %s, %.2f M params (%.2f M trainable)", m.preset,
              sum(p.numel() for p in policy.parameters()) / 1e6,
              sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6)
     return policy
+
+
+def assemble_policy(transformer, m, token_channels: int, tokens: torch.Tensor, pooled: torch.Tensor,
+                    learn_conditioning: bool) -> RestorationPolicy:
+    """A loaded transformer -> the policy: widened LQ input, output init, LoRA, checkpointing (`m`: model config)."""
+    widen_input(transformer, token_channels)
+    if m.parametrization == "x0_residual":
+        zero_output(transformer)
+    if m.lora.enabled:
+        transformer.requires_grad_(False)
+        add_lora(transformer, m.lora)
+        transformer.x_embedder.requires_grad_(True)  # the new LQ input columns must learn
+    if m.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return RestorationPolicy(transformer, token_channels, m.parametrization, tokens, pooled, learn_conditioning,
+                             guidance=m.guidance)
 
 
 def save_policy(policy: RestorationPolicy, directory: str | Path, cfg=None, extra: dict | None = None) -> Path:

@@ -35,7 +35,7 @@ def flow_matching_prediction(model, codec, cfg: Config, batch: dict):
     x0, lq = pack(x0_img), pack(lq_img)
     x1 = source_mean(lq, cfg.flow.source) + source_sigma(cfg.flow) * pack(batch["noise"])
     x_t = flow.interpolate(x0, x1, batch["t"])
-    return model(x_t, lq, batch["t"], batch["task"], image_ids(h, w)), x0, x1
+    return model(x_t, lq, batch["t"], batch["task"], image_ids(h, w, device=x0.device)), x0, x1
 
 
 class FlowMatchingRecipe:
@@ -49,6 +49,10 @@ class FlowMatchingRecipe:
 
     def build_model(self):
         return build_policy(self.cfg, token_channels(self.codec))
+
+    def place(self, device) -> None:
+        """Put the codec (FLUX's VAE, frozen, kept in fp32) on the engine's device."""
+        self.codec.to(device)
 
     def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]

@@ -32,6 +32,9 @@ class Recipe(Protocol):
 
     def save_model(self, model, directory: str) -> None: ...  # final weights for later stages (safetensors)
 
+    # Optional: ``place(device)`` moves the recipe's own modules (e.g. a frozen VAE codec) to the
+    # device DeepSpeed put the engine on; batches are moved by the Ray layer.
+
 
 def load_recipe(recipe_path: str, config: dict[str, Any]) -> Recipe:
     """Build the recipe named ``"package.module:ClassName"`` from its config."""

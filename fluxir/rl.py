@@ -101,7 +101,7 @@ def sample_candidates(policy, codec, lq: torch.Tensor, task: torch.Tensor, seeds
     k_count = cfg.rl.candidates
     z = codec.encode(lq)
     h, w = z.shape[-2:]
-    lq_tok, ids = pack(z), image_ids(h, w)
+    lq_tok, ids = pack(z), image_ids(h, w, device=z.device)
     starts = torch.cat([initial_state(lq_tok[i:i + 1], cfg.flow, row_generator(s, SALT_START))
                         for i, s in enumerate(seeds.tolist())])
     schedule = rl_schedule(cfg)
@@ -122,9 +122,9 @@ def sample_candidates(policy, codec, lq: torch.Tensor, task: torch.Tensor, seeds
     state_rows = _interleave(states, k_count)
     final_tok = state_rows[:, -1]
     return {
-        "final": codec.decode(unpack(final_tok, h, w)).clamp(0, 1),
-        "states": state_rows,
-        "log_probs": _interleave(log_probs, k_count),
+        "final": codec.decode(unpack(final_tok, h, w)).clamp(0, 1).cpu(),
+        "states": state_rows.cpu(),
+        "log_probs": _interleave(log_probs, k_count).cpu(),
         "candidate": torch.arange(k_count).repeat(len(seeds)),
         "noise_seed": noise_seed,
     }
@@ -269,7 +269,7 @@ class RLObjective:
             return anchor, {"fm": _mean(anchor)}
         lq_tok = pack(self.codec.encode(batch["lq"]))
         h, w = batch["lq"].shape[-2] // self.codec.downsample, batch["lq"].shape[-1] // self.codec.downsample
-        ids = image_ids(h, w)
+        ids = image_ids(h, w, device=lq_tok.device)
         if self.rl.objective == "rsr":
             step, x0 = self._rsr(policy, batch, lq_tok, ids)
             loss = self.rl.step_weight * step + self.rl.x0_weight * x0 + self.rl.fm_weight * anchor
@@ -284,16 +284,18 @@ class RLObjective:
         z_shape = self.codec.encode(batch["gt"][:1]).shape[1:]
         t = torch.cat([sample_times(1, self.cfg.flow.t_start, self.cfg.pretrain.t_start_fraction,
                                     row_generator(s, SALT_FM)) for s in seeds.tolist()])
-        fm_batch = {**batch, "t": t, "noise": row_normal(seeds, tuple(z_shape), SALT_FM)}
+        dev = batch["gt"].device  # per-row draws on the CPU (device-independent), then moved
+        fm_batch = {**batch, "t": t.to(dev), "noise": row_normal(seeds.cpu(), tuple(z_shape), SALT_FM).to(dev)}
         pred, x0, x1 = flow_matching_prediction(policy, self.codec, self.cfg, fm_batch)
         per = flow_matching_per_sample(pred, x0, x1, self.cfg.model.parametrization, self.cfg.pretrain.loss)
         return per.view(n)
 
     def _rsr(self, policy, batch, lq_tok, ids):
-        pair = row_uniform_int(batch["seed"], len(self.times) - 1, SALT_PAIR)
-        rows = torch.arange(len(pair))
+        pair = row_uniform_int(batch["seed"].cpu(), len(self.times) - 1, SALT_PAIR).to(lq_tok.device)
+        rows = torch.arange(len(pair), device=lq_tok.device)
         x_a, x_b = batch["states"][rows, pair], batch["states"][rows, pair + 1]
-        t_a, t_b = self.times[pair], self.times[pair + 1]
+        times = self.times.to(lq_tok.device)
+        t_a, t_b = times[pair], times[pair + 1]
         pred = policy(x_a, lq_tok, t_a, batch["task"], ids)
         gt_tok = pack(self.codec.encode(batch["gt"]))
         return rsr_terms(pred.velocity, pred.x0_hat, x_a, x_b, t_a, t_b, gt_tok, batch["improved"],
@@ -303,9 +305,11 @@ class RLObjective:
         explored = batch["candidate"] > 0
         row_seed = torch.tensor([mix_seed(int(s), int(c)) for s, c in zip(batch["seed"], batch["candidate"])])
         pick = torch.tensor(self.stochastic)[row_uniform_int(row_seed, len(self.stochastic), SALT_PAIR)]
-        rows = torch.arange(len(pick))
+        pick = pick.to(lq_tok.device)
+        rows = torch.arange(len(pick), device=lq_tok.device)
         x_a, x_b = batch["states"][rows, pick], batch["states"][rows, pick + 1]
-        t_a, t_b = self.times[pick], self.times[pick + 1]
+        times = self.times.to(lq_tok.device)
+        t_a, t_b = times[pick], times[pick + 1]
         mu, sigma = source_mean(lq_tok, self.cfg.flow.source), source_sigma(self.cfg.flow)
         pred = policy(x_a, lq_tok, t_a, batch["task"], ids)
         mean, std = flow.stochastic_step_moments(x_a, pred.velocity, t_a, t_b, mu, sigma, self.rl.rho)

@@ -39,7 +39,7 @@ def source_sigma(flow_cfg) -> float:
 def initial_state(lq_tokens, flow_cfg, generator=None) -> torch.Tensor:
     """x at t_start: μ + σ·ε at t = 1; part-way (t_start < 1, lq source) the LQ stands in for x0."""
     mu, sigma = source_mean(lq_tokens, flow_cfg.source), source_sigma(flow_cfg)
-    eps = torch.randn(lq_tokens.shape, generator=generator, dtype=lq_tokens.dtype)
+    eps = torch.randn(lq_tokens.shape, generator=generator, dtype=lq_tokens.dtype).to(lq_tokens.device)
     return flow.interpolate(mu, mu + sigma * eps, flow_cfg.t_start)
 
 
@@ -57,15 +57,15 @@ def sample_trajectory(policy, lq_tokens, task, img_ids, schedule, flow_cfg, x_st
     x = initial_state(lq_tokens, flow_cfg, generator) if x_start is None else x_start
     traj = Trajectory(schedule, [x])
     for i, (t, s) in enumerate(zip(schedule, schedule[1:])):
-        pred = policy(x, lq_tokens, torch.full((x.shape[0],), t), task, img_ids)
+        pred = policy(x, lq_tokens, torch.full((x.shape[0],), t, device=x.device), task, img_ids)
         traj.x0_hats.append(pred.x0_hat)
         if s == 0.0:
-            x, lp = pred.x0_hat, torch.zeros(x.shape[0])  # the last step lands on the clean estimate
+            x, lp = pred.x0_hat, torch.zeros(x.shape[0], device=x.device)  # the last step lands on the clean estimate
         elif stochastic_steps and i in stochastic_steps and rho > 0:
             noise = step_noise.get(i) if step_noise else None
             x, lp = flow.stochastic_step(x, pred.velocity, t, s, mu, sigma, rho, noise=noise, generator=generator)
         else:
-            x, lp = flow.ode_step(x, pred.velocity, t, s), torch.zeros(x.shape[0])
+            x, lp = flow.ode_step(x, pred.velocity, t, s), torch.zeros(x.shape[0], device=x.device)
         traj.states.append(x)
         traj.log_probs.append(lp)
     return traj
@@ -77,7 +77,8 @@ def restore(policy, codec, lq: torch.Tensor, task: torch.Tensor, schedule, flow_
     z = codec.encode(lq)
     h, w = z.shape[-2:]
     gen = torch.Generator().manual_seed(seed)
-    traj = sample_trajectory(policy, pack(z), task, image_ids(h, w), schedule, flow_cfg, generator=gen)
+    traj = sample_trajectory(policy, pack(z), task, image_ids(h, w, device=z.device), schedule, flow_cfg,
+                             generator=gen)
     return codec.decode(unpack(traj.final, h, w))
 
 

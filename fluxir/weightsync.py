@@ -42,6 +42,14 @@ def make_weight_set(tensors: dict[str, torch.Tensor], version: int) -> WeightSet
     return WeightSet(version=version, tensors=cpu, checksum=weights_checksum(cpu))
 
 
+def wire_format(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a receiver holding `tensors` (any dtype/device) expects on the wire: fp32 of the same shapes.
+
+    Meta tensors: names, shapes and dtype only, no memory.
+    """
+    return {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in tensors.items()}
+
+
 def verify_weight_set(ws: WeightSet, expected: dict[str, torch.Tensor]) -> None:
     """Raise `WeightSyncError` unless `ws` carries exactly `expected`'s names, shapes and dtypes and verifies."""
     missing = sorted(set(expected) - set(ws.tensors))

@@ -2,7 +2,6 @@
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from safetensors.torch import save_file
 
 from fluxir.codec import image_ids
 from fluxir.config import load_config
@@ -88,32 +87,14 @@ def test_trainable_state_is_checked():
         policy.load_trainable_state_dict(state)
 
 
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory):
-    """A small random FLUX transformer saved in the diffusers layout, plus a prompt cache."""
-    root = tmp_path_factory.mktemp("flux")
-    torch.manual_seed(0)
+def test_a_transformer_folder_without_weights_is_named(tmp_path):
+    """The full flux-dev path (folder, prompt cache, VAE, RL) is in test_flux_dev.py."""
+    from fluxir.flux_folder import IncompleteModelFolder
+
     FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
-                           guidance_embeds=True, axes_dims_rope=(4, 6, 6)).save_pretrained(root / "transformer")
-    save_file({"prompt_embeds": torch.randn(7, 5, 32), "pooled_prompt_embeds": torch.randn(7, 24)},
-              str(root / "prompts.safetensors"))
-    return root
-
-
-def test_flux_dev_folder_path(flux_folder):
-    cfg = load_config(None, ["model.preset=flux-dev", f"model.path={flux_folder}", "model.parametrization=velocity",
-                             f"model.prompt_cache={flux_folder / 'prompts.safetensors'}", "model.lora.enabled=true",
-                             "model.lora.rank=2"])
-    policy = build_policy(cfg, 16)
-    assert isinstance(policy, RestorationPolicy)
-    assert not policy.task_tokens.requires_grad  # cached prompts are buffers
-    x, lq, t, task, ids = _inputs(c=16)
-    out = policy(x, lq, t, task, ids)
-    assert out.velocity.shape == x.shape and torch.isfinite(out.velocity).all()
-
-
-def test_flux_dev_missing_folder_names_what_is_missing(tmp_path):
-    cfg = load_config(None, ["model.preset=flux-dev", f"model.path={tmp_path}"])
-    with pytest.raises(FileNotFoundError, match="transformer/config.json"):
+                           axes_dims_rope=(4, 6, 6)).save_pretrained(tmp_path / "transformer")
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    cfg = load_config(None, ["model.preset=flux-dev", f"model.path={tmp_path}", "model.prompt_cache=p.safetensors"])
+    with pytest.raises(IncompleteModelFolder, match="transformer/diffusion_pytorch_model.safetensors"):
         build_policy(cfg, 16)

@@ -1,0 +1,812 @@
+"""FLUX.1-dev (12B) LoRA RL for restoration on 8-GPU nodes, planned on paper: parameters, per-GPU memory, time.
+
+    .venv/bin/python benchmarks/scaling_plan.py [--tflops-h100 400] [--tflops-h200 450] [--candidates 4] [--no-smoke]
+
+No GPU and no weights. The transformer (FLUX.1-dev's config, x_embedder widened by fluxir.policy.widen_input,
+LoRA added by fluxir.policy.add_lora) and the VAE are built on the meta device, so the parameter counts are
+exact. Activation bytes and FLOPs come from running small copies of the same transformer on meta (every
+block of a kind is identical, so one double and one single block are measured and multiplied):
+- saved-for-backward bytes: autograd's saved-tensor hooks, each storage once, weights excluded;
+- inference live bytes: a dispatch mode that tracks when each tensor is created and freed;
+- FLOPs: torch's FlopCounterMode (matmuls), attention by formula.
+Attention is replaced by a stand-in that allocates and saves what FlashAttention-2 and cuDNN attention keep
+(q, k, v, out and an fp32 logsumexp), so no L×L matrix is counted.
+
+Every figure that is not counted is an assumption (ASSUMPTIONS below; printed and saved). If
+benchmarks/results/gpu_smoke.json exists (and --no-smoke is not given), its measured figures are printed next
+to the estimates, and its rollout ms/step, VAE ms and learner step seconds replace the assumed throughput for
+the GPU kind it was measured on.
+Writes benchmarks/results/scaling_plan.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import weakref
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import FLUX1_DEV_TRANSFORMER, FLUX1_TEXT_TOKENS, FLUX1_VAE, RESULTS, ROOT, machine  # noqa: E402
+from fluxir.config import LoraConfig  # noqa: E402
+from fluxir.policy import add_lora, widen_input  # noqa: E402
+
+GIB = 2 ** 30
+HIDDEN = FLUX1_DEV_TRANSFORMER["num_attention_heads"] * FLUX1_DEV_TRANSFORMER["attention_head_dim"]
+LAYERS = FLUX1_DEV_TRANSFORMER["num_layers"] + FLUX1_DEV_TRANSFORMER["num_single_layers"]
+TEXT_TOKENS = FLUX1_TEXT_TOKENS  # cached T5 prompt embeddings: joint-attention tokens in every forward
+TOKEN_CHANNELS = 64  # 16 latent channels, 2x2 packed
+RANKS = (16, 64, 128)
+PLAN_RANK = 64  # the rank of the layout and time tables
+RESOLUTIONS = (512, 1024)
+MICRO_BATCHES = (1, 2, 4)
+NFES = (4, 8, 20)
+GPUS_PER_NODE = 8
+# fluxir/rl.py RLObjective.per_sample: the objective's forward and the flow-matching anchor's forward both
+# keep their graphs until the single backward, and each sample's LQ and GT are VAE-encoded twice.
+FORWARDS_PER_SAMPLE = 2
+VAE_ENCODES_PER_SAMPLE = 4
+DEEPSPEED = {2: "configs/deepspeed/zero2_bf16.json", 3: "configs/deepspeed/zero3_bf16.json"}
+# Ray fills one GPU with fractional requests before the next, and actors/rl.py creates the rollout actors
+# before the learner group: a rollout share above 0.5 puts one actor on each GPU, the single reward worker
+# then takes a slice of the first GPU, and the learner share fits exactly once into what each GPU has left.
+COLOCATED_GPU = {"rollout_gpu": 0.55, "reward_gpu": 0.05, "learner_gpu": 0.4}
+DS_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters (zero3_bf16.json leaves it unset)
+
+ASSUMPTIONS = {
+    "gpu_gib": {"H100": 79.6, "H200": 140.4},  # nvidia-smi totals: 81559 MiB (H100 SXM 80 GB), 143771 MiB (H200)
+    "tflops_bf16": {"H100": 400.0, "H200": 450.0},  # sustained dense bf16 rate of the transformer's matmuls
+    "conv_fraction": 0.3,  # the VAE and LPIPS (convolutions, GroupNorm at full resolution) run at this share
+    "usable_fraction": 0.9,  # plan to 90 % of the card: fragmentation and short peaks the model does not see
+    "overhead_gib": 2.0,  # per GPU process: CUDA context, cuBLAS/cuDNN workspaces, NCCL, allocator slack
+    "backward_blocks": 1,  # one more block's worth of activations as gradient buffers during backward
+    "allgather_gb_s": 350.0,  # ZeRO-3 parameter all-gather bandwidth per GPU over NVLink
+    "zero3_gathers_per_forward": 2,  # forward and checkpoint recompute; backward reuses the recompute's
+    "rollout_min_inputs": 2,  # per rollout call (K rows each) to keep a GPU busy; the layout rule uses it
+    "dtypes": "transformer and VAE bf16 on learners and rollout actors (model.dtype: bfloat16; actors/rl.py "
+              "and actors/learner.py place the codec in it; DeepSpeed's bf16 casts the learner's module, LoRA "
+              "working copy included); LoRA optimizer state fp32; LPIPS fp32",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Models on the meta device
+# ---------------------------------------------------------------------------------------------
+
+def numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def flux_transformer(layers: tuple[int, int] = (19, 38), rank: int | None = None, widen: bool = True):
+    """FLUX.1-dev's transformer on meta (optionally fewer blocks), as fluxir.policy.build_policy shapes it."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**{**FLUX1_DEV_TRANSFORMER, "num_layers": layers[0],
+                                          "num_single_layers": layers[1]})
+        if widen:
+            widen_input(model, TOKEN_CHANNELS)
+        if rank is not None:
+            model.requires_grad_(False)
+            add_lora(model, LoraConfig(enabled=True, rank=rank, alpha=float(rank)))
+            model.x_embedder.requires_grad_(True)
+    return model.to(torch.bfloat16)
+
+
+def flux_vae():
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL(**FLUX1_VAE).to(torch.bfloat16)
+
+
+def alexnet_features():
+    """LPIPS's backbone (torchvision AlexNet features, as fluxir.metrics.LPIPS loads it)."""
+    import torchvision
+
+    with torch.device("meta"):
+        return torchvision.models.alexnet().features
+
+
+def param_counts() -> dict:
+    base = flux_transformer(widen=False)
+    released, x_old = numel(base.parameters()), numel(base.x_embedder.parameters())
+    counts = {"released": released, "x_embedder_released": x_old}
+    for rank in RANKS:
+        model = flux_transformer(rank=rank)
+        lora = numel(p for n, p in model.named_parameters() if "lora_" in n)
+        counts[f"lora_r{rank}"] = lora
+        counts[f"trainable_r{rank}"] = numel(p for p in model.parameters() if p.requires_grad)
+    counts["x_embedder_widened"] = numel(model.x_embedder.parameters())
+    counts["widened"] = released - x_old + counts["x_embedder_widened"]
+    counts["frozen"] = counts["widened"] - counts["x_embedder_widened"]
+    counts["lora_layers"] = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
+    counts["vae"] = numel(flux_vae().parameters())
+    counts["lpips_backbone"] = numel(alexnet_features().parameters())
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring on meta: attention stand-in, saved and live bytes, FLOPs
+# ---------------------------------------------------------------------------------------------
+
+class FlashLike(torch.autograd.Function):
+    """Stands in for SDPA: allocates the output and saves q, k, v, out and an fp32 logsumexp, as FA2/cuDNN do."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextmanager
+def flash_attention():
+    real = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda query, key, value, *args, **kwargs: FlashLike.apply(query, key, value)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def weight_keys(model) -> set[int]:
+    return {storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+
+
+def flux_inputs(n_img: int, batch: int = 1) -> dict:
+    bf16 = torch.bfloat16
+    with torch.device("meta"):
+        return {"hidden_states": torch.empty(batch, n_img, 2 * TOKEN_CHANNELS, dtype=bf16),
+                "encoder_hidden_states": torch.empty(batch, TEXT_TOKENS, 4096, dtype=bf16),
+                "pooled_projections": torch.empty(batch, 768, dtype=bf16),
+                "timestep": torch.ones(batch, dtype=bf16), "guidance": torch.ones(batch, dtype=bf16),
+                "img_ids": torch.zeros(n_img, 3), "txt_ids": torch.zeros(TEXT_TOKENS, 3), "return_dict": False}
+
+
+def image_tokens(resolution: int) -> int:
+    return (resolution // 16) ** 2  # VAE /8, then 2x2 packing
+
+
+def label_blocks(model, where: list) -> list:
+    """Hooks that keep where[0] = the (part, submodule) running now: part is first_double, double, single or
+    outside. The first double block is apart: its text stream needs no input gradient yet (frozen
+    context_embedder on cached prompts), so it saves less than blocks 2..19."""
+    def enter(part, sub):
+        return lambda module, args: where.insert(0, (part, sub))
+
+    def leave(module, args, output):
+        where.pop(0)
+
+    hooks = []
+    for part, block in (("first_double", model.transformer_blocks[0]), ("double", model.transformer_blocks[1]),
+                        ("single", model.single_transformer_blocks[0])):
+        for name, module in block.named_modules():
+            hooks.append(module.register_forward_pre_hook(enter(part, ".".join(name.split(".")[:2]) or "(block)")))
+            hooks.append(module.register_forward_hook(leave))
+    return hooks
+
+
+def saved_bytes(model, n_img: int) -> dict:
+    """Bytes autograd keeps for backward (batch 1) by (part, submodule), each storage once, weights excluded."""
+    skip, seen, where = weight_keys(model), {}, [("outside", "")]
+
+    def pack(t):
+        key = storage_key(t)
+        if key not in skip and key not in seen:  # t is kept so that its storage id is not reused
+            seen[key] = (where[0], t.untyped_storage().nbytes(), t)
+        return t
+
+    hooks = label_blocks(model, where)
+    with flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**flux_inputs(n_img))
+    for h in hooks:
+        h.remove()
+    out: dict = {}
+    for (part, sub), nbytes, _ in seen.values():
+        out.setdefault(part, {}).setdefault(sub, 0)
+        out[part][sub] += nbytes
+    return out
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created inside that are alive at once (each storage once)."""
+
+    def __init__(self, skip: set[int]):
+        super().__init__()
+        self.skip, self.live, self.now, self.peak = skip, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+    def track(self, t: torch.Tensor) -> None:
+        key = storage_key(t)
+        if key in self.skip:
+            return
+        if key not in self.live:
+            self.live[key] = [t.untyped_storage().nbytes(), 0]
+            self.now += self.live[key][0]
+            self.peak = max(self.peak, self.now)
+        self.live[key][1] += 1
+        weakref.finalize(t, self.release, key)
+
+    def release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+
+def live_peak(model, run) -> int:
+    """Peak live bytes of `run()` without grad (its inputs and the weights not counted)."""
+    with torch.no_grad(), flash_attention(), LiveBytes(weight_keys(model)) as mode:
+        run()
+    return mode.peak
+
+
+def transformer_flops(n_img: int, rank: int) -> dict:
+    """Matmul FLOPs (forward, backward) of the full transformer at batch 1, attention excluded (by formula)."""
+    totals = {}
+    for layers in ((1, 1), (2, 1), (1, 2)):
+        model = flux_transformer(layers, rank)
+        with flash_attention(), FlopCounterMode(display=False) as counter:
+            out = model(**flux_inputs(n_img))[0]
+            fwd = counter.get_total_flops()
+            out.float().sum().backward()
+        totals[layers] = (fwd, counter.get_total_flops() - fwd)
+    one, double, single = totals[(1, 1)], totals[(2, 1)], totals[(1, 2)]
+    full = [one[i] + 18 * (double[i] - one[i]) + 37 * (single[i] - one[i]) for i in (0, 1)]
+    return {"linear_fwd": full[0], "linear_bwd": full[1]}
+
+
+def attention_flops(n_img: int) -> float:
+    """QK^T and AV of every layer: 4·L²·hidden per layer, L = image + text tokens."""
+    tokens = n_img + TEXT_TOKENS
+    return 4 * tokens ** 2 * HIDDEN * LAYERS
+
+
+def conv_net_costs(resolution: int) -> dict:
+    """VAE encode/decode (bf16) and LPIPS backbone (fp32): FLOPs and live peak bytes per image."""
+    vae, alex = flux_vae(), alexnet_features()
+    image = torch.empty(1, 3, resolution, resolution, device="meta")
+    image_bf16 = image.to(torch.bfloat16)
+    latent = torch.empty(1, 16, resolution // 8, resolution // 8, device="meta", dtype=torch.bfloat16)
+    out = {}
+    for name, model, run in (("encode", vae, lambda: vae.encode(image_bf16).latent_dist.mode()),
+                             ("decode", vae, lambda: vae.decode(latent).sample),
+                             ("lpips", alex, lambda: (alex(image), alex(image)))):  # prediction and GT
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:  # SDPA's math path: attention counted
+            run()
+        out[f"{name}_flops"] = counter.get_total_flops()
+        out[f"{name}_live_bytes"] = live_peak(model, run)
+    return out
+
+
+def measure() -> dict:
+    """Per resolution: saved bytes per block (each rank), inference live bytes, FLOPs, conv nets."""
+    out = {}
+    for res in RESOLUTIONS:
+        n_img = image_tokens(res)
+        row = {"image_tokens": n_img, "tokens": n_img + TEXT_TOKENS, "saved": {}}
+        for rank in RANKS:
+            model = flux_transformer((2, 1), rank)
+            row["saved"][rank] = saved_bytes(model, n_img)
+        model = flux_transformer((1, 1), PLAN_RANK)
+        row["inference_live_bytes"] = live_peak(model, lambda: model(**flux_inputs(n_img)))
+        row["flops"] = {**transformer_flops(n_img, PLAN_RANK), "attention_fwd": attention_flops(n_img)}
+        row.update(conv_net_costs(res))
+        out[res] = row
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory model (GiB per GPU)
+# ---------------------------------------------------------------------------------------------
+
+def gib(nbytes: float) -> float:
+    return nbytes / GIB
+
+
+def block_bytes(m: dict, rank: int) -> dict:
+    """Saved bytes per row: per double block, per single block, outside the blocks (no checkpointing)."""
+    saved = m["saved"][rank]
+    return {part: sum(saved.get(part, {}).values()) for part in ("first_double", "double", "single", "outside")}
+
+
+def learner_activations(m: dict, rank: int, micro: int, checkpointing: bool) -> dict:
+    """Kept (both graphs of every row) and transient (one block recomputed / back-propagated) bytes."""
+    b = block_bytes(m, rank)
+    if checkpointing:  # only the inputs of each block stay: image + text hidden states, bf16
+        kept = LAYERS * m["tokens"] * HIDDEN * 2 + b["outside"]
+        transient_blocks = 1 + ASSUMPTIONS["backward_blocks"]
+    else:
+        kept = b["first_double"] + 18 * b["double"] + 38 * b["single"] + b["outside"]
+        transient_blocks = ASSUMPTIONS["backward_blocks"]
+    transient = max(transient_blocks * max(b["double"], b["single"]), m["encode_live_bytes"])
+    return {"kept": micro * FORWARDS_PER_SAMPLE * kept, "transient": micro * transient}
+
+
+def zero_buffers(zero: int, counts: dict, trainable: int) -> float:
+    """DeepSpeed's communication buckets (bf16 elements) from the repository's JSON, capped at what exists."""
+    ds = json.loads((ROOT / DEEPSPEED[zero]).read_text())["zero_optimization"]
+    reduce = min(ds.get("reduce_bucket_size", 5e8), trainable) * (2 if ds.get("overlap_comm") else 1)
+    if zero == 2:
+        gather = min(ds.get("allgather_bucket_size", 5e8), trainable)
+    else:
+        gather = min(ds.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS)
+                     + ds.get("stage3_prefetch_bucket_size", 5e7), counts["widened"])
+    return 2 * (reduce + gather)
+
+
+def learner_memory(counts: dict, m: dict, rank: int, zero: int, micro: int, checkpointing: bool,
+                   gpus: int = GPUS_PER_NODE, allocated_only: bool = False) -> dict:
+    """GiB per learner GPU by part. allocated_only: what torch.cuda.max_memory_allocated sees on one GPU
+    without DeepSpeed (no buckets, no process overhead), for comparing with benchmarks/gpu_smoke.py."""
+    trainable = counts[f"trainable_r{rank}"]
+    shard = gpus if zero == 3 else 1  # ZeRO-3 partitions parameters, frozen ones included; ZeRO-2 does not
+    act = learner_activations(m, rank, micro, checkpointing)
+    parts = {
+        "frozen_base": counts["frozen"] * 2 / shard,
+        "trainable_bf16": trainable * 2 / shard,
+        "optimizer_and_grads": trainable * 16 / gpus,  # fp32 master, Adam m and v, fp32 grads
+        "zero_buffers": 0 if allocated_only else zero_buffers(zero, counts, trainable),
+        "vae": counts["vae"] * 2,
+        "activations": act["kept"] + act["transient"],
+        "overhead": 0 if allocated_only else ASSUMPTIONS["overhead_gib"] * GIB,
+    }
+    return {k: gib(v) for k, v in parts.items()} | {"total": gib(sum(parts.values()))}
+
+
+def trajectory_bytes(m: dict, nfe: int) -> float:
+    """Per candidate row: its states (nfe+1, bf16) and its step noise (nfe-1, fp32) in tokens."""
+    per_state = m["image_tokens"] * TOKEN_CHANNELS
+    return per_state * ((nfe + 1) * 2 + (nfe - 1) * 4)
+
+
+def rollout_memory(counts: dict, m: dict, rank: int, inputs: int, k: int, nfe: int,
+                   decode_rows: int | None = None) -> dict:
+    """One rollout actor: policy copy, VAE, and the peak of its sampling phases for `inputs` inputs.
+
+    fluxir/rl.py sample_candidates runs the ODE rows (inputs) then the explored rows (inputs·(K−1)) as one
+    batch each, and decodes all inputs·K finals at once (`decode_rows` overrides that, e.g. 1 at a time).
+    """
+    rows = inputs * k
+    batch = inputs * max(k - 1, 1)
+    decode = rows if decode_rows is None else min(decode_rows, rows)
+    phases = {"transformer": batch * m["inference_live_bytes"], "vae_decode": decode * m["decode_live_bytes"],
+              "vae_encode": inputs * m["encode_live_bytes"]}
+    parts = {"weights": (counts["widened"] + counts[f"lora_r{rank}"]) * 2, "vae": counts["vae"] * 2,
+             "trajectories": rows * trajectory_bytes(m, nfe), "peak_phase": max(phases.values()),
+             "overhead": ASSUMPTIONS["overhead_gib"] * GIB}
+    return {name: gib(v) for name, v in parts.items()} | {"total": gib(sum(parts.values())),
+                                                          "peak_phase_is": max(phases, key=phases.get)}
+
+
+def reward_memory(counts: dict, m: dict, rows: int) -> float:
+    return gib(counts["lpips_backbone"] * 4 + rows * m["lpips_live_bytes"]) + ASSUMPTIONS["overhead_gib"]
+
+
+def max_inputs(fits, limit: int = 4096) -> int:
+    """Largest n in 1..limit with fits(n) (fits is monotone); 0 if not even 1."""
+    n = 0
+    while n < limit and fits(n + 1):
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Time model
+# ---------------------------------------------------------------------------------------------
+
+def forward_flops(m: dict) -> float:
+    return m["flops"]["linear_fwd"] + m["flops"]["attention_fwd"]
+
+
+def rates(gpu: str, tflops: dict) -> dict:
+    bf16 = tflops[gpu] * 1e12
+    return {"bf16": bf16, "conv": bf16 * ASSUMPTIONS["conv_fraction"]}
+
+
+def rollout_seconds(m: dict, rate: dict, k: int, nfe: int, measured: dict) -> dict:
+    """Per input: K·NFE transformer forwards, 1 VAE encode, K decodes, K LPIPS(pred, GT) pairs."""
+    row_s = measured.get("row_forward_s") or forward_flops(m) / rate["bf16"]
+    encode_s = measured.get("encode_s") or m["encode_flops"] / rate["conv"]
+    decode_s = measured.get("decode_s") or m["decode_flops"] / rate["conv"]
+    return {"transformer": k * nfe * row_s, "vae": encode_s + k * decode_s,
+            "reward": k * m["lpips_flops"] / rate["conv"]}
+
+
+def learner_seconds(m: dict, rate: dict, checkpointing: bool = True) -> float:
+    """Per sample: both forwards, their recompute, their backward (frozen base: input grads only), 4 encodes."""
+    f = m["flops"]
+    per_graph = (f["linear_fwd"] * (2 if checkpointing else 1) + f["linear_bwd"]
+                 + f["attention_fwd"] * ((2 if checkpointing else 1) + 2.5))  # flash backward ≈ 2.5× forward
+    return FORWARDS_PER_SAMPLE * per_graph / rate["bf16"] + VAE_ENCODES_PER_SAMPLE * m["encode_flops"] / rate["conv"]
+
+
+def zero3_gather_seconds(counts: dict, gpus: int = GPUS_PER_NODE) -> float:
+    """Per learner step (not overlapped): every forward and recompute gathers the other ranks' bf16 shards."""
+    gathers = FORWARDS_PER_SAMPLE * ASSUMPTIONS["zero3_gathers_per_forward"]
+    moved = counts["widened"] * 2 * (gpus - 1) / gpus
+    return gathers * moved / (ASSUMPTIONS["allgather_gb_s"] * 1e9)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU measurements (benchmarks/results/gpu_smoke.json), if any
+# ---------------------------------------------------------------------------------------------
+
+def load_smoke() -> dict:
+    """benchmarks/gpu_smoke.py's report ({"device", "lora", "transformer", "records": [...]}), or {}."""
+    path = RESULTS / "gpu_smoke.json"
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    return {"records": report} if isinstance(report, list) else report
+
+
+def smoke_gpu(report: dict) -> str:
+    return "H200" if "H200" in str(report.get("device", "")).upper() else "H100"
+
+
+def smoke_records(report: dict) -> list[dict]:
+    """Records that measured something (not skipped, out of memory or failed)."""
+    return [r for r in report.get("records", []) if isinstance(r, dict) and "phase" in r
+            and not (r.get("skipped") or r.get("oom") or r.get("error"))]
+
+
+def full_depth(report: dict) -> bool:
+    return float(report.get("transformer", {}).get("depth_fraction", 1.0)) >= 1.0
+
+
+def measured_rates(report: dict, gpu: str, res: int) -> dict:
+    """Measured per-row forward, per-image VAE and per-sample learner seconds for this GPU kind and resolution,
+    if recorded; forward and learner times from the largest measured batch (the plan's batches are larger)."""
+    out = {}
+    if not report or smoke_gpu(report) != gpu:
+        return out
+    rollouts = [r for r in smoke_records(report) if r["phase"] == "rollout" and r.get("resolution") == res
+                and r.get("ms_per_step") and full_depth(report)]
+    if rollouts:
+        best = max(rollouts, key=lambda r: int(r.get("batch", 1)))
+        out["row_forward_s"] = best["ms_per_step"] / 1e3 / max(int(best.get("batch", 1)), 1)
+    learners = [r for r in smoke_records(report) if r["phase"] == "learner" and r.get("resolution") == res
+                and r.get("gradient_checkpointing") and r.get("step_s") and full_depth(report)]
+    if learners:
+        best = max(learners, key=lambda r: int(r.get("batch", 1)))
+        out["learner_sample_s"] = best["step_s"] / max(int(best.get("batch", 1)), 1)
+    for r in smoke_records(report):
+        if r["phase"] == "vae" and r.get("resolution") == res:
+            out.update({f"{n}_s": r[f"{n}_ms"] / 1e3 for n in ("encode", "decode") if r.get(f"{n}_ms")})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+def table(title: str, headers: list[str], rows: list[list]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
+    for row in rows:
+        print("| " + " | ".join(f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int)
+                                else str(v) for v in row) + " |")
+
+
+def capacity(gpu: str) -> float:
+    """GiB a plan may use on one GPU of this kind."""
+    return ASSUMPTIONS["gpu_gib"][gpu] * ASSUMPTIONS["usable_fraction"]
+
+
+def fits(total_gib: float, gpu: str) -> str:
+    return "yes" if total_gib <= capacity(gpu) else "no"
+
+
+def print_params(c: dict) -> None:
+    rows = [["FLUX.1-dev transformer as released (in_channels 64)", c["released"]],
+            ["x_embedder as released (64 -> 3072)", c["x_embedder_released"]],
+            ["x_embedder widened (128 -> 3072, fully trainable)", c["x_embedder_widened"]],
+            ["transformer after widening", c["widened"]],
+            ["frozen base (widened transformer minus x_embedder)", c["frozen"]],
+            *[[f"LoRA r={r} ({c['lora_layers']} adapted Linear layers)", c[f"lora_r{r}"]] for r in RANKS],
+            *[[f"trainable at r={r} (LoRA + x_embedder)", c[f"trainable_r{r}"]] for r in RANKS],
+            ["FLUX VAE (AutoencoderKL)", c["vae"]], ["LPIPS backbone (AlexNet features)", c["lpips_backbone"]]]
+    table("Parameters (counted on meta)", ["what", "parameters"], rows)
+
+
+def print_activation_constants(meas: dict) -> None:
+    rows = []
+    for res, m in meas.items():
+        b = block_bytes(m, PLAN_RANK)
+        rows.append([res, m["tokens"], round(b["first_double"] / m["tokens"]), round(b["double"] / m["tokens"]),
+                     round(b["single"] / m["tokens"]), HIDDEN * 2, round(m["inference_live_bytes"] / m["tokens"]),
+                     gib(b["outside"])])
+    table(f"Activation constants per token of L = image + text tokens (r={PLAN_RANK}, bf16; FA2-style attention)",
+          ["px", "tokens L", "saved B/token, double block 1", "saved B/token, double blocks 2-19",
+           "saved B/token, single block", "checkpoint B/token per block (its hidden-state inputs)",
+           "inference live peak B/token", "saved outside blocks GiB"], rows)
+    rows = []
+    for part in ("double", "single"):
+        saved = meas[RESOLUTIONS[0]]["saved"][PLAN_RANK][part]
+        tokens = meas[RESOLUTIONS[0]]["tokens"]
+        rows += [[part, sub, round(v / tokens)] for sub, v in sorted(saved.items(), key=lambda kv: -kv[1])]
+    table(f"Where a block's saved bytes come from ({RESOLUTIONS[0]} px, r={PLAN_RANK}; bytes per token of L)",
+          ["block", "submodule", "B/token"], rows)
+
+
+def print_learner(counts: dict, meas: dict) -> dict:
+    grid, rows = {}, []
+    for zero in (2, 3):
+        for res in RESOLUTIONS:
+            for ckpt in (True, False):
+                for micro in MICRO_BATCHES:
+                    mem = learner_memory(counts, meas[res], PLAN_RANK, zero, micro, ckpt)
+                    grid[f"zero{zero}_{res}px_mb{micro}_{'ckpt' if ckpt else 'nockpt'}"] = mem
+                    rows.append([f"ZeRO-{zero}", res, "on" if ckpt else "off", micro, mem["frozen_base"],
+                                 mem["trainable_bf16"] + mem["optimizer_and_grads"] + mem["zero_buffers"],
+                                 mem["activations"], mem["vae"] + mem["overhead"], mem["total"],
+                                 fits(mem["total"], "H100"), fits(mem["total"], "H200")])
+    table(f"Learner per GPU, GiB (8 ranks, r={PLAN_RANK}, {FORWARDS_PER_SAMPLE} graphs per sample)",
+          ["ZeRO", "px", "grad ckpt", "micro-batch", "frozen base", "LoRA state + buckets", "activations",
+           "VAE + overhead", "total", "fits 80 GB", "fits 141 GB"], rows)
+    rows = []
+    for rank in RANKS:
+        for zero in (2, 3):
+            mem = learner_memory(counts, meas[512], rank, zero, 1, True)
+            rows.append([rank, f"ZeRO-{zero}", mem["trainable_bf16"], mem["optimizer_and_grads"],
+                         mem["zero_buffers"], mem["total"], gib(counts[f"trainable_r{rank}"] * 4)])
+    table("LoRA rank: trainable-state GiB per GPU (8 ranks; total at 512 px, micro-batch 1, checkpointing)",
+          ["rank", "ZeRO", "bf16 working copy", "fp32 master+Adam+grads (/8)", "buckets", "total",
+           "weight sync per rollout actor (fp32 wire format)"], rows)
+    return grid
+
+
+def print_rollout(counts: dict, meas: dict, k: int, nfe: int) -> dict:
+    out, rows = {}, []
+    for res in RESOLUTIONS:
+        m = meas[res]
+        one = rollout_memory(counts, m, PLAN_RANK, 1, k, nfe)
+        for gpu in ASSUMPTIONS["gpu_gib"]:
+            for actors in (1, 2, 3, 4, 5):
+                share = capacity(gpu) / actors
+                n_all = max_inputs(lambda n: rollout_memory(counts, m, PLAN_RANK, n, k, nfe)["total"] <= share)
+                n_one = max_inputs(lambda n: rollout_memory(counts, m, PLAN_RANK, n, k, nfe, 1)["total"] <= share)
+                out[f"{gpu}_{res}px_{actors}actors"] = {"inputs_decode_all": n_all, "inputs_decode_one": n_one}
+                if n_one == 0:
+                    break
+                rows.append([gpu, res, actors, f"{1 / actors:.2f}", n_all, n_all * k, n_one, n_one * k])
+        out[f"{res}px_one_input"] = one
+    table(f"Rollout actors: inputs (and candidate rows, K={k}, NFE={nfe}) that fit per actor",
+          ["GPU", "px", "actors per GPU", "num_gpus each", "inputs (decode all, as now)", "rows",
+           "inputs (decode 1 at a time)", "rows"], rows)
+    rows = []
+    for res in RESOLUTIONS:
+        m = meas[res]
+        rows.append([res, gib((counts["widened"] + counts[f"lora_r{PLAN_RANK}"]) * 2),
+                     gib(m["inference_live_bytes"]), gib(m["decode_live_bytes"]), gib(m["encode_live_bytes"]),
+                     gib(trajectory_bytes(m, nfe)), gib(m["lpips_live_bytes"])])
+    table(f"Rollout memory terms, GiB (r={PLAN_RANK}; per row = one candidate)",
+          ["px", "bf16 policy copy", "transformer live / row", "VAE decode live / image (bf16)",
+           "VAE encode live / image", f"trajectory tensors / row (NFE {nfe})", "LPIPS live / pair"], rows)
+    return out
+
+
+def colocated(counts: dict, m: dict, gpu: str, zero: int, micro: int, k: int, nfe: int, decode_rows=None) -> dict:
+    """One learner rank + one rollout actor (micro inputs, the rsr shard) + one reward worker on one GPU."""
+    learner = learner_memory(counts, m, PLAN_RANK, zero, micro, True)["total"]
+    rollout = rollout_memory(counts, m, PLAN_RANK, micro, k, nfe, decode_rows)["total"]
+    reward = reward_memory(counts, m, micro * k)
+    total = learner + rollout + reward
+    return {"learner": learner, "rollout": rollout, "reward": reward, "total": total,
+            "fits": total <= capacity(gpu)}
+
+
+def print_colocated(counts: dict, meas: dict, k: int, nfe: int) -> dict:
+    out, rows = {}, []
+    for gpu in ASSUMPTIONS["gpu_gib"]:
+        for res in RESOLUTIONS:
+            for zero in (2, 3):
+                for decode in (None, 1):
+                    fit = lambda n: colocated(counts, meas[res], gpu, zero, n, k, nfe, decode)["fits"]  # noqa: E731
+                    best = max_inputs(fit, 64)
+                    shown = colocated(counts, meas[res], gpu, zero, max(best, 1), k, nfe, decode)
+                    tag = "all" if decode is None else "1 at a time"
+                    out[f"{gpu}_{res}px_zero{zero}_decode_{'all' if decode is None else 'one'}"] = {
+                        "max_micro_batch": best, **shown}
+                    rows.append([gpu, res, f"ZeRO-{zero}", tag, best, shown["learner"], shown["rollout"],
+                                 shown["reward"], shown["total"]])
+    table(f"Colocated: learner rank + rollout actor + the reward worker on one GPU (r={PLAN_RANK}, K={k}, "
+          f"NFE={nfe}, checkpointing; rsr: rollout inputs per actor = learner micro-batch)",
+          ["GPU", "px", "ZeRO", "VAE decode", "largest micro-batch that fits", "learner GiB", "rollout GiB",
+           "reward GiB", "total GiB"], rows)
+    return out
+
+
+def print_time(counts: dict, meas: dict, k: int, tflops: dict, smoke: dict, layout: list[dict]) -> dict:
+    """Per input and per sample, then one iteration of the recommended layout (rollout, then learner)."""
+    out, rows, split = {}, [], []
+    for plan in layout:
+        gpu, res, micro = plan["gpu"], plan["resolution"], plan["micro_batch"]
+        m, rate, meas_rate = meas[res], rates(gpu, tflops), measured_rates(smoke, gpu, res)
+        learn = meas_rate.get("learner_sample_s") or learner_seconds(m, rate)
+        learn += zero3_gather_seconds(counts) / micro if plan["zero_stage"] == 3 else 0
+        for nfe in NFES:
+            roll = rollout_seconds(m, rate, k, nfe, meas_rate)
+            per_input = sum(roll.values())
+            inputs = GPUS_PER_NODE * micro
+            t_roll, t_learn = micro * per_input, micro * learn
+            half = GPUS_PER_NODE // 2  # the split layout: 4 GPUs of learners, 4 of rollout actors
+            t_split = inputs * per_input / half + inputs * learn / half
+            out[f"{gpu}_{res}px_nfe{nfe}"] = {
+                "forward_tflop": forward_flops(m) / 1e12, "rollout_s_per_input": roll,
+                "learner_s_per_sample": learn, "micro_batch": micro, "inputs_per_iteration": inputs,
+                "rollout_s": t_roll, "learner_s": t_learn, "iteration_s": t_roll + t_learn,
+                "iteration_s_split_4_4": t_split, "measured": meas_rate}
+            source = "/".join("measured" if key in meas_rate else "assumed"
+                              for key in ("row_forward_s", "learner_sample_s"))
+            rows.append([gpu, res, nfe, source, per_input, *(100 * v / per_input for v in roll.values()), learn,
+                         micro, inputs, t_roll, t_learn, t_roll + t_learn, inputs / (t_roll + t_learn), t_split])
+        split.append([gpu, res, zero3_gather_seconds(counts), learner_seconds(m, rate)])
+    table(f"Time model (K={k}, rsr, 1 update per rollout; one node in the recommended layout: rollout on all 8 "
+          "GPUs, then the update on all 8; times measured in gpu_smoke.json where the column says so, else "
+          f"assumed {tflops['H100']:.0f} / {tflops['H200']:.0f} TFLOP/s bf16 on H100 / H200 and convolutions at "
+          f"{ASSUMPTIONS['conv_fraction']:.0%} of it)",
+          ["GPU", "px", "NFE", "forward / learner time", "rollout s / input", "% transformer", "% VAE", "% reward",
+           "learner s / sample", "micro-batch", "inputs / iteration", "rollout s", "learner s", "iteration s",
+           "inputs / s", "iteration s if split 4 + 4 GPUs"], rows)
+    table("ZeRO-3 extra per learner step: parameter all-gathers if not overlapped (assumed NVLink rate)",
+          ["GPU", "px", "all-gather s per step", "learner compute s per sample (assumed rate)"], split)
+    return out
+
+
+def print_flops(meas: dict) -> None:
+    rows = []
+    for res, m in meas.items():
+        f = m["flops"]
+        rows.append([res, m["tokens"], f["linear_fwd"] / 1e12, f["attention_fwd"] / 1e12, forward_flops(m) / 1e12,
+                     f["linear_bwd"] / 1e12, m["encode_flops"] / 1e12, m["decode_flops"] / 1e12,
+                     m["lpips_flops"] / 1e12])
+    table(f"FLOPs per image (TFLOP; transformer at r={PLAN_RANK}, batch 1)",
+          ["px", "tokens L", "matmul fwd", "attention fwd (4·L²·3072·57)", "forward total",
+           "matmul bwd (input grads + LoRA)", "VAE encode", "VAE decode", "LPIPS pair"], rows)
+
+
+def smoke_estimates(r: dict, counts: dict, m: dict, rate: dict, rank: int) -> list[tuple]:
+    """(figure, measured, estimate) for one gpu_smoke record; memory as max_memory_allocated would see it."""
+    batch = int(r.get("batch", 1))
+    if r["phase"] == "learner":
+        mem = learner_memory(counts, m, rank, 2, batch, bool(r.get("gradient_checkpointing", True)), gpus=1,
+                             allocated_only=True)
+        return [("peak GiB", r.get("peak_gib"), mem["total"]),
+                ("step s", r.get("step_s"), learner_seconds(m, rate, bool(r.get("gradient_checkpointing", True)))
+                 * batch)]
+    if r["phase"] == "rollout":
+        weights = (counts["widened"] + counts[f"lora_r{rank}"] + counts["vae"]) * 2
+        peak = gib(weights + batch * m["inference_live_bytes"])
+        return [("ms / step", r.get("ms_per_step"), 1e3 * batch * forward_flops(m) / rate["bf16"]),
+                ("peak GiB", r.get("peak_gib"), peak)]
+    if r["phase"] == "vae":
+        return [("encode ms", r.get("encode_ms"), 1e3 * m["encode_flops"] / rate["conv"]),
+                ("decode ms", r.get("decode_ms"), 1e3 * m["decode_flops"] / rate["conv"])]
+    if r["phase"] == "rollout_input":
+        est = rollout_seconds(m, rate, int(r.get("candidates", 4)), int(r.get("nfe", 4)), {})
+        return [("s per input (K, NFE of the record)", r.get("seconds"), est["transformer"] + est["vae"])]
+    return []
+
+
+def ckpt_tag(record: dict) -> str:
+    if "gradient_checkpointing" not in record:
+        return ""
+    return "on" if record["gradient_checkpointing"] else "off"
+
+
+def print_measured(counts: dict, meas: dict, report: dict, tflops: dict) -> list[dict]:
+    if not report:
+        print("\n### Measured on one GPU\n\nnot measured (no benchmarks/results/gpu_smoke.json)")
+        return []
+    gpu, rate = smoke_gpu(report), rates(smoke_gpu(report), tflops)
+    rank = int(report.get("lora", {}).get("rank", 16))
+    rank = min(RANKS, key=lambda x: abs(x - rank))  # the nearest counted rank
+    note = "" if full_depth(report) else " (fewer blocks than FLUX.1-dev: transformer figures not comparable)"
+    rows, out = [], []
+    for r in report.get("records", []):
+        res = r.get("resolution")
+        if res not in meas:
+            continue
+        status = r.get("skipped") or ("out of memory" if r.get("oom") else r.get("error"))
+        if status:
+            rows.append([r["phase"], res, r.get("batch", ""), ckpt_tag(r), str(status)[:60], "", ""])
+            continue
+        for what, got, est in smoke_estimates(r, counts, meas[res], rate, rank):
+            rows.append([r["phase"], res, r.get("batch", ""), ckpt_tag(r), what, got, est])
+            out.append({"gpu": gpu, "phase": r["phase"], "resolution": res, "batch": r.get("batch"), "what": what,
+                        "measured": got, "estimate": est})
+    table(f"Measured on one GPU ({report.get('device', 'device not named')}, r={rank}; "
+          f"benchmarks/results/gpu_smoke.json) next to the estimate{note}",
+          ["phase", "px", "batch", "grad ckpt", "figure", "measured", "estimate"], rows)
+    return out
+
+
+def recommend(coloc: dict, k: int) -> list[dict]:
+    """Per node kind and resolution: all roles on all 8 GPUs (the phases of an iteration run one after another)
+    with the largest micro-batch that fits. First choice that reaches `rollout_min_inputs` per actor: the code
+    as it is (all candidates decoded at once) with ZeRO-2, then with ZeRO-3, then one-at-a-time decoding."""
+    out = []
+    for gpu in ASSUMPTIONS["gpu_gib"]:
+        for res in RESOLUTIONS:
+            options = [(zero, decode, coloc[f"{gpu}_{res}px_zero{zero}_decode_{decode}"]["max_micro_batch"])
+                       for decode in ("all", "one") for zero in (2, 3)]
+            good = [o for o in options if o[2] >= ASSUMPTIONS["rollout_min_inputs"]]
+            zero, decode, micro = good[0] if good else max(options, key=lambda o: o[2])
+            out.append({"gpu": gpu, "resolution": res, "zero_stage": zero, "decode": decode, "micro_batch": micro,
+                        "rl.batch_size": GPUS_PER_NODE * micro, "learners": GPUS_PER_NODE,
+                        "rollout_actors": GPUS_PER_NODE, "reward_workers": 1, **COLOCATED_GPU})
+    table(f"Recommended layout per 8-GPU node (r={PLAN_RANK}, K={k}, rsr; every GPU hosts one learner rank and "
+          "one rollout actor, one GPU also the reward worker)",
+          ["GPU", "px", "ZeRO", "VAE decode", "micro-batch (= rollout inputs per actor)", "rl.batch_size",
+           "learner / rollout / reward num_gpus"],
+          [[r["gpu"], r["resolution"], f"ZeRO-{r['zero_stage']}", r["decode"], r["micro_batch"], r["rl.batch_size"],
+            f"{r['learner_gpu']} / {r['rollout_gpu']} / {r['reward_gpu']}"] for r in out])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tflops-h100", type=float, default=ASSUMPTIONS["tflops_bf16"]["H100"])
+    parser.add_argument("--tflops-h200", type=float, default=ASSUMPTIONS["tflops_bf16"]["H200"])
+    parser.add_argument("--candidates", type=int, default=4, help="K per input (rl.candidates)")
+    parser.add_argument("--no-smoke", action="store_true", help="ignore benchmarks/results/gpu_smoke.json")
+    args = parser.parse_args()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # quiet the bf16 cast notice of the meta models
+    started = time.perf_counter()
+    tflops = {"H100": args.tflops_h100, "H200": args.tflops_h200}
+    ASSUMPTIONS["tflops_bf16"] = tflops
+    k, nfe_mem = args.candidates, max(NFES)
+    counts = param_counts()
+    meas = measure()
+    smoke = {} if args.no_smoke else load_smoke()
+    print_params(counts)
+    print_activation_constants(meas)
+    print_flops(meas)
+    learner = print_learner(counts, meas)
+    rollout = print_rollout(counts, meas, k, nfe_mem)
+    coloc = print_colocated(counts, meas, k, nfe_mem)
+    layout = recommend(coloc, k)
+    timing = print_time(counts, meas, k, tflops, smoke, layout)
+    measured = print_measured(counts, meas, smoke, tflops)
+    seconds = time.perf_counter() - started
+    print(f"\n{seconds:.1f} s; assumptions: {json.dumps(ASSUMPTIONS)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"command": ".venv/bin/python benchmarks/scaling_plan.py" + (" --no-smoke" if args.no_smoke else ""),
+              "machine": machine(), "seconds": seconds,
+              "assumptions": ASSUMPTIONS, "candidates": k, "plan_rank": PLAN_RANK, "params": counts,
+              "measured_on_meta": {str(r): {**v, "saved": {str(k2): s for k2, s in v["saved"].items()}}
+                                   for r, v in meas.items()},
+              "learner_gib": learner, "rollout": rollout, "colocated": coloc, "time": timing, "layout": layout,
+              "gpu_smoke": measured or "not measured"}
+    (RESULTS / "scaling_plan.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
