@@ -83,6 +83,8 @@ class LearnerActor:
 
         if master == LOOPBACK:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo's sockets on loopback too
+        if ray.get_gpu_ids():  # Ray shows this actor only its own GPU (also a fraction of one): device 0
+            local_rank = 0
         os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": str(local_rank),
                            "MASTER_ADDR": master, "MASTER_PORT": str(port)})
         deepspeed = _import_deepspeed()
@@ -162,10 +164,13 @@ class LearnerGroup:
     """N `learner-i` ranks packed into one placement group; every call goes to all ranks."""
 
     def __init__(self, cfg, init_dir: str | Path, num_learners: int | None = None,
-                 resources: dict[str, float] | None = None, ready_timeout_s: float = 300):
+                 resources: dict[str, float] | None = None, ready_timeout_s: float = 300, slots=None):
+        """`slots`: a ready placement group whose bundle i hosts rank i (colocated stage 1); it stays its
+        owner's to remove. Without it the group packs its own bundles, one per rank."""
         self.world = num_learners or cfg.rl.num_learners
         resources = dict(resources or cfg.rl.learner_resources)
-        self.pg = placement_group([resources] * self.world, strategy="PACK", name=f"{cfg.name}-learners")
+        self.owns_pg = slots is None
+        self.pg = slots or placement_group([resources] * self.world, strategy="PACK", name=f"{cfg.name}-learners")
         ray.get(self.pg.ready(), timeout=ready_timeout_s)
         config = cfg.model_dump(mode="json")
         self.actors = [
@@ -213,4 +218,5 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-        remove_placement_group(self.pg)
+        if self.owns_pg:
+            remove_placement_group(self.pg)

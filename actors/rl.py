@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner import LearnerGroup, actor_options, threads_for
 from actors.runtime import init_ray
@@ -151,6 +153,29 @@ def check_resources(cfg, available: dict[str, float]) -> None:
 # The system: actors + learner group, with recovery
 # ---------------------------------------------------------------------------------------------
 
+def slot_resources(cfg, slot: int) -> dict[str, float]:
+    """What colocated slot `slot` holds: learner + rollout (+ reward) resources, e.g. {"CPU": 16, "GPU": 1}."""
+    rl = cfg.rl
+    roles = [rl.learner_resources, rl.rollout_resources] + ([rl.reward_resources] if slot < rl.num_reward_workers
+                                                             else [])
+    total: dict[str, float] = {}
+    for res in roles:
+        for key, value in res.items():
+            total[key] = round(total.get(key, 0) + value, 6)
+    if total.get("GPU", 0) > 1:
+        raise ValueError(f"rl.colocate: slot {slot} asks for {total['GPU']:g} GPU (rl.learner_resources + "
+                         f"rl.rollout_resources + rl.reward_resources); the fractions must sum to <= 1")
+    return total
+
+
+def colocated_slots(cfg, ready_timeout_s: float = 300):
+    """One placement group, bundle i = slot i (one GPU each on a GPU cluster), packed onto few nodes."""
+    bundles = [slot_resources(cfg, i) for i in range(cfg.rl.num_learners)]
+    pg = placement_group(bundles, strategy="PACK", name=f"{cfg.name}-rl-slots")
+    ray.get(pg.ready(), timeout=ready_timeout_s)
+    return pg
+
+
 class RLSystem:
     """Creates `rollout-i`, `reward-i` and the learner group; re-issues work lost with a dead actor."""
 
@@ -159,13 +184,14 @@ class RLSystem:
         config = cfg.model_dump(mode="json")
         rl = cfg.rl
         check_resources(cfg, ray.cluster_resources())
-        self.rollouts = [self._actor(RolloutActor, f"rollout-{i}", rl.rollout_resources, config, str(init_dir), i,
+        self.slots = colocated_slots(cfg) if rl.colocate else None
+        self.rollouts = [self._actor(RolloutActor, f"rollout-{i}", rl.rollout_resources, i, config, str(init_dir), i,
                                      threads_for(rl.rollout_resources)) for i in range(rl.num_rollout_actors)]
-        self.rewards = [self._actor(RewardWorker, f"reward-{i}", rl.reward_resources, config,
+        self.rewards = [self._actor(RewardWorker, f"reward-{i}", rl.reward_resources, i, config,
                                     threads_for(rl.reward_resources)) for i in range(rl.num_reward_workers)]
         self.learners = None
         try:
-            self.learners = LearnerGroup(cfg, init_dir)
+            self.learners = LearnerGroup(cfg, init_dir, slots=self.slots)
             ray.get([a.ping.remote() for a in self.rollouts + self.rewards])
         except BaseException:
             self.shutdown()  # nothing half-started keeps holding the cluster's resources
@@ -174,9 +200,14 @@ class RLSystem:
         self.version = 0
         self.restarts = 0
 
-    def _actor(self, cls, name, resources, *args):
+    def _actor(self, cls, name, resources, slot: int, *args):
+        """A restartable actor; when colocated, pinned to bundle `slot` (a restart comes back to it)."""
+        placement = {}
+        if self.slots is not None:
+            placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.slots, placement_group_bundle_index=slot)
         return cls.options(name=name, **actor_options(resources), max_restarts=self.cfg.rl.max_restarts,
-                           max_task_retries=0).remote(*args)
+                           max_task_retries=0, **placement).remote(*args)
 
     # --- weight sync ---------------------------------------------------------------------------
     def sync(self, version: int) -> int:
@@ -276,6 +307,8 @@ class RLSystem:
             self.learners.shutdown()
         for actor in self.rollouts + self.rewards:
             ray.kill(actor, no_restart=True)
+        if self.slots is not None:
+            remove_placement_group(self.slots)
 
 
 # ---------------------------------------------------------------------------------------------

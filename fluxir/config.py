@@ -221,6 +221,10 @@ class RLConfig(Strict):
     rollout_resources: dict[str, float] = {"CPU": 0.4}
     reward_resources: dict[str, float] = {"CPU": 0.2}
     learner_resources: dict[str, float] = {"CPU": 0.5}
+    # Colocate: slot i = one placement-group bundle (one GPU on a cluster) holding learner-i, rollout-i and,
+    # for i < num_reward_workers, reward-i, each with its fraction of the slot's GPU. The phases of an
+    # iteration run one after another, so sharing every GPU beats splitting GPUs between roles.
+    colocate: bool = False
     max_staleness: int = Field(0, ge=0)  # policy versions a rollout may lag the learner
     max_restarts: int = Field(3, ge=0)  # rollout / reward actors
     checkpoint_every: int = Field(10, ge=1)
@@ -235,6 +239,11 @@ class RLConfig(Strict):
             raise ValueError(f"stochastic_steps {steps} must be step indices in [0, nfe={self.nfe})")
         if self.keep_states is not None and any(not 0 <= i <= self.nfe for i in self.keep_states):
             raise ValueError(f"keep_states {self.keep_states} must be schedule indices in [0, {self.nfe}]")
+        if self.colocate and (self.num_rollout_actors != self.num_learners
+                              or self.num_reward_workers > self.num_learners):
+            raise ValueError(f"rl.colocate needs one rollout actor per learner slot and at most one reward worker "
+                             f"per slot: num_rollout_actors={self.num_rollout_actors}, num_learners="
+                             f"{self.num_learners}, num_reward_workers={self.num_reward_workers}")
         if self.objective == "grpo" and self.candidates < 2:
             raise ValueError("grpo needs candidates >= 2 (advantages are relative within a group)")
         return self

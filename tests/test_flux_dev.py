@@ -143,8 +143,8 @@ def test_flux_dev_policy_widened_input_lora_targets_and_checkpointing(pipeline, 
 
 
 def test_one_rl_iteration_on_the_flux_dev_path(ray_session, pipeline, cache, tmp_path):
-    """Rollout actor, reward worker and 2 DeepSpeed ZeRO-2 learner ranks on the VAE codec, prompt cache,
-    LoRA and widened input: one iteration changes the adapter and the LQ input columns."""
+    """2 colocated slots (learner + rollout actor each, the reward worker in slot 0), DeepSpeed ZeRO-2 on the
+    VAE codec, prompt cache, LoRA and widened input: one iteration changes the adapter and the LQ columns."""
     from safetensors.torch import load_file
 
     from actors.rl import run_rl
@@ -153,11 +153,22 @@ def test_one_rl_iteration_on_the_flux_dev_path(ray_session, pipeline, cache, tmp
     cfg = _cfg(pipeline, cache.parent, f"output_dir={tmp_path}", f"rl.init={tmp_path / 'base'}",
                "data.crop=32", "data.train_scale=0.5", "rl.batch_size=2", "rl.candidates=2", "rl.nfe=2",
                "rl.iterations=1", "rl.updates_per_rollout=1", "rl.lr=0.01", "rl.reward.lpips=0",
-               "rl.deepspeed=configs/deepspeed/zero2_cpu.json", "rl.num_learners=2", "rl.num_rollout_actors=1",
-               "rl.num_reward_workers=1", "rl.learner_resources={CPU: 0.5}", "rl.rollout_resources={CPU: 0.4}",
+               "rl.deepspeed=configs/deepspeed/zero2_cpu.json", "rl.num_learners=2", "rl.num_rollout_actors=2",
+               "rl.num_reward_workers=1", "rl.learner_resources={CPU: 0.4}", "rl.rollout_resources={CPU: 0.4}",
                "rl.reward_resources={CPU: 0.2}", "rl.checkpoint_every=1")
+    assert cfg.rl.colocate  # the config's layout: slot i holds learner-i, rollout-i (and reward-i)
     save_policy(build_policy(cfg, 64), tmp_path / "base", cfg)
-    out = run_rl(cfg, show_progress=False)
+    placed = []
+
+    def where(system):  # every actor of the run sits in its slot of the one placement group
+        import ray
+
+        pg = system.slots.id.hex()
+        for name in ("learner-0", "learner-1", "rollout-0", "rollout-1", "reward-0"):
+            placed.append(ray.util.state.get_actor(ray.get_actor(name)._actor_id.hex()).placement_group_id == pg)
+
+    out = run_rl(cfg, show_progress=False, on_issued=where)
+    assert placed == [True] * 5
     assert out["iterations"] == 1 and out["version"] == 1
     before, after = load_file(str(tmp_path / "base" / "policy.safetensors")), load_file(
         str(Path(out["model_dir"]) / "policy.safetensors"))
