@@ -17,7 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.train import _import_deepspeed, full_parameters, load_ds_config
+from actors.train import _import_deepspeed, check_precision, full_parameters, load_ds_config
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ class NonFiniteLossError(RuntimeError):
 def learner_ds_config(cfg, world: int) -> dict:
     """rl.deepspeed with the RL batch, ZeRO stage and a constant learning rate."""
     micro = max(1, -(-cfg.rl.batch_size // world))
-    return load_ds_config(cfg.rl.deepspeed, {
+    return check_precision(load_ds_config(cfg.rl.deepspeed, {
         "train_micro_batch_size_per_gpu": micro,
         "train_batch_size": micro * world,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": cfg.rl.zero_stage},
         "optimizer": {"params": {"lr": cfg.rl.lr}},
-    })
+    }), cfg.model.dtype, "rl.deepspeed")
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:

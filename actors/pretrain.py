@@ -6,7 +6,7 @@ import time
 
 from actors.runtime import init_ray
 from actors.tracking import TRAIN_GAUGES, StageMetrics, Tracker
-from actors.train import load_ds_config, run_training
+from actors.train import check_precision, load_ds_config, run_training
 
 RECIPE = "fluxir.pretrain:FlowMatchingRecipe"
 
@@ -22,7 +22,7 @@ def deepspeed_config(cfg) -> dict:
     """The JSON named by pretrain.deepspeed, with batch, ZeRO stage, optimizer and LR schedule from the config."""
     p = cfg.pretrain
     micro = per_rank_batch(cfg)
-    return load_ds_config(p.deepspeed, {
+    return check_precision(load_ds_config(p.deepspeed, {
         "train_micro_batch_size_per_gpu": micro,
         "train_batch_size": micro * p.num_workers,
         "gradient_accumulation_steps": 1,
@@ -31,7 +31,7 @@ def deepspeed_config(cfg) -> dict:
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": p.steps, "warmup_num_steps": min(p.warmup_steps, p.steps - 1),
             "warmup_min_ratio": 0.0, "cos_min_ratio": 0.02, "warmup_type": "linear"}},
-    })
+    }), cfg.model.dtype, "pretrain.deepspeed")
 
 
 def recipe_config(cfg) -> dict:

@@ -12,6 +12,9 @@ block of a kind is identical, so one double and one single block are measured an
 Attention is replaced by a stand-in that allocates and saves what FlashAttention-2 and cuDNN attention keep
 (q, k, v, out and an fp32 logsumexp), so no L×L matrix is counted.
 
+Taken from the code: the VAE decode chunk (fluxir.codec.VaeCodec.decode_batch, read off a meta instance),
+what sample_candidates and the reward worker keep on the GPU, and the colocated config as it is
+(configs/flux-dev-7task.yaml through fluxir.config.load_config; its slots through actors.rl.slot_resources).
 Every figure that is not counted is an assumption (ASSUMPTIONS below; printed and saved). If
 benchmarks/results/gpu_smoke.json exists (and --no-smoke is not given), its measured figures are printed next
 to the estimates, and its rollout ms/step, VAE ms and learner step seconds replace the assumed throughput for
@@ -21,6 +24,7 @@ Writes benchmarks/results/scaling_plan.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 import weakref
@@ -33,7 +37,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import FLUX1_DEV_TRANSFORMER, FLUX1_TEXT_TOKENS, FLUX1_VAE, RESULTS, ROOT, machine  # noqa: E402
-from fluxir.config import LoraConfig  # noqa: E402
+from fluxir.config import LoraConfig, load_config  # noqa: E402
+from fluxir.metrics import compute_metrics  # noqa: E402
 from fluxir.policy import add_lora, widen_input  # noqa: E402
 
 GIB = 2 ** 30
@@ -52,10 +57,7 @@ GPUS_PER_NODE = 8
 FORWARDS_PER_SAMPLE = 2
 VAE_ENCODES_PER_SAMPLE = 4
 DEEPSPEED = {2: "configs/deepspeed/zero2_bf16.json", 3: "configs/deepspeed/zero3_bf16.json"}
-# Ray fills one GPU with fractional requests before the next, and actors/rl.py creates the rollout actors
-# before the learner group: a rollout share above 0.5 puts one actor on each GPU, the single reward worker
-# then takes a slice of the first GPU, and the learner share fits exactly once into what each GPU has left.
-COLOCATED_GPU = {"rollout_gpu": 0.55, "reward_gpu": 0.05, "learner_gpu": 0.4}
+CONFIG = "configs/flux-dev-7task.yaml"  # the colocated FLUX.1-dev config checked as it is
 DS_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters (zero3_bf16.json leaves it unset)
 
 ASSUMPTIONS = {
@@ -111,6 +113,14 @@ def alexnet_features():
 
     with torch.device("meta"):
         return torchvision.models.alexnet().features
+
+
+@functools.cache
+def decode_chunk() -> int:
+    """Images per VAE decode call: fluxir.codec.VaeCodec.decode splits its input into `decode_batch` chunks."""
+    from fluxir.codec import VaeCodec
+
+    return VaeCodec(flux_vae()).decode_batch
 
 
 def param_counts() -> dict:
@@ -256,9 +266,9 @@ class LiveBytes(TorchDispatchMode):
             del self.live[key]
 
 
-def live_peak(model, run) -> int:
-    """Peak live bytes of `run()` without grad (its inputs and the weights not counted)."""
-    with torch.no_grad(), flash_attention(), LiveBytes(weight_keys(model)) as mode:
+def live_peak(run, model=None) -> int:
+    """Peak live bytes of `run()` without grad (its inputs and the model's weights not counted)."""
+    with torch.no_grad(), flash_attention(), LiveBytes(weight_keys(model) if model else set()) as mode:
         run()
     return mode.peak
 
@@ -285,7 +295,8 @@ def attention_flops(n_img: int) -> float:
 
 
 def conv_net_costs(resolution: int) -> dict:
-    """VAE encode/decode (bf16) and LPIPS backbone (fp32): FLOPs and live peak bytes per image."""
+    """VAE encode/decode (bf16), LPIPS backbone (fp32) and PSNR + SSIM (fluxir.metrics.compute_metrics, float64):
+    FLOPs and live peak bytes per image (pair for LPIPS and the metrics)."""
     vae, alex = flux_vae(), alexnet_features()
     image = torch.empty(1, 3, resolution, resolution, device="meta")
     image_bf16 = image.to(torch.bfloat16)
@@ -293,29 +304,24 @@ def conv_net_costs(resolution: int) -> dict:
     out = {}
     for name, model, run in (("encode", vae, lambda: vae.encode(image_bf16).latent_dist.mode()),
                              ("decode", vae, lambda: vae.decode(latent).sample),
-                             ("lpips", alex, lambda: (alex(image), alex(image)))):  # prediction and GT
+                             ("lpips", alex, lambda: (alex(image), alex(image))),  # prediction and GT
+                             ("metrics", None, lambda: compute_metrics(image, image))):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:  # SDPA's math path: attention counted
             run()
         out[f"{name}_flops"] = counter.get_total_flops()
-        out[f"{name}_live_bytes"] = live_peak(model, run)
+        out[f"{name}_live_bytes"] = live_peak(run, model)
     return out
 
 
-def measure() -> dict:
-    """Per resolution: saved bytes per block (each rank), inference live bytes, FLOPs, conv nets."""
-    out = {}
-    for res in RESOLUTIONS:
-        n_img = image_tokens(res)
-        row = {"image_tokens": n_img, "tokens": n_img + TEXT_TOKENS, "saved": {}}
-        for rank in RANKS:
-            model = flux_transformer((2, 1), rank)
-            row["saved"][rank] = saved_bytes(model, n_img)
-        model = flux_transformer((1, 1), PLAN_RANK)
-        row["inference_live_bytes"] = live_peak(model, lambda: model(**flux_inputs(n_img)))
-        row["flops"] = {**transformer_flops(n_img, PLAN_RANK), "attention_fwd": attention_flops(n_img)}
-        row.update(conv_net_costs(res))
-        out[res] = row
-    return out
+def measure(res: int) -> dict:
+    """One resolution: saved bytes per block (each rank), inference live bytes, FLOPs, conv nets, metrics."""
+    n_img = image_tokens(res)
+    row = {"resolution": res, "image_tokens": n_img, "tokens": n_img + TEXT_TOKENS,
+           "saved": {rank: saved_bytes(flux_transformer((2, 1), rank), n_img) for rank in RANKS}}
+    model = flux_transformer((1, 1), PLAN_RANK)
+    row["inference_live_bytes"] = live_peak(lambda: model(**flux_inputs(n_img)), model)
+    row["flops"] = {**transformer_flops(n_img, PLAN_RANK), "attention_fwd": attention_flops(n_img)}
+    return row | conv_net_costs(res)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,9 +351,9 @@ def learner_activations(m: dict, rank: int, micro: int, checkpointing: bool) -> 
     return {"kept": micro * FORWARDS_PER_SAMPLE * kept, "transient": micro * transient}
 
 
-def zero_buffers(zero: int, counts: dict, trainable: int) -> float:
+def zero_buffers(zero: int, counts: dict, trainable: int, deepspeed: str | None = None) -> float:
     """DeepSpeed's communication buckets (bf16 elements) from the repository's JSON, capped at what exists."""
-    ds = json.loads((ROOT / DEEPSPEED[zero]).read_text())["zero_optimization"]
+    ds = json.loads((ROOT / (deepspeed or DEEPSPEED[zero])).read_text())["zero_optimization"]
     reduce = min(ds.get("reduce_bucket_size", 5e8), trainable) * (2 if ds.get("overlap_comm") else 1)
     if zero == 2:
         gather = min(ds.get("allgather_bucket_size", 5e8), trainable)
@@ -358,7 +364,7 @@ def zero_buffers(zero: int, counts: dict, trainable: int) -> float:
 
 
 def learner_memory(counts: dict, m: dict, rank: int, zero: int, micro: int, checkpointing: bool,
-                   gpus: int = GPUS_PER_NODE, allocated_only: bool = False) -> dict:
+                   gpus: int = GPUS_PER_NODE, allocated_only: bool = False, deepspeed: str | None = None) -> dict:
     """GiB per learner GPU by part. allocated_only: what torch.cuda.max_memory_allocated sees on one GPU
     without DeepSpeed (no buckets, no process overhead), for comparing with benchmarks/gpu_smoke.py."""
     trainable = counts[f"trainable_r{rank}"]
@@ -368,7 +374,7 @@ def learner_memory(counts: dict, m: dict, rank: int, zero: int, micro: int, chec
         "frozen_base": counts["frozen"] * 2 / shard,
         "trainable_bf16": trainable * 2 / shard,
         "optimizer_and_grads": trainable * 16 / gpus,  # fp32 master, Adam m and v, fp32 grads
-        "zero_buffers": 0 if allocated_only else zero_buffers(zero, counts, trainable),
+        "zero_buffers": 0 if allocated_only else zero_buffers(zero, counts, trainable, deepspeed),
         "vae": counts["vae"] * 2,
         "activations": act["kept"] + act["transient"],
         "overhead": 0 if allocated_only else ASSUMPTIONS["overhead_gib"] * GIB,
@@ -376,33 +382,63 @@ def learner_memory(counts: dict, m: dict, rank: int, zero: int, micro: int, chec
     return {k: gib(v) for k, v in parts.items()} | {"total": gib(sum(parts.values()))}
 
 
+def policy_bytes(counts: dict, rank: int) -> float:
+    """A rollout actor's bf16 policy copy: the widened transformer and its LoRA."""
+    return (counts["widened"] + counts[f"lora_r{rank}"]) * 2
+
+
+def image_bytes(m: dict) -> int:
+    """One RGB image at the resolution, fp32 (LQ, GT and decoded images are fp32 tensors in [0, 1])."""
+    return 3 * m["resolution"] ** 2 * 4
+
+
 def trajectory_bytes(m: dict, nfe: int) -> float:
-    """Per candidate row: its states (nfe+1, bf16) and its step noise (nfe-1, fp32) in tokens."""
-    per_state = m["image_tokens"] * TOKEN_CHANNELS
-    return per_state * ((nfe + 1) * 2 + (nfe - 1) * 4)
+    """Per candidate row, fp32 like the LQ latent (codec.encode returns the images' dtype): the Trajectory's
+    states (nfe+1) and x0_hats (nfe), then sample_candidates' stacked kept states and their interleaved copy
+    (nfe+1 each; all states are kept by default). Step noise is drawn on the CPU and moved one step at a time."""
+    return m["image_tokens"] * TOKEN_CHANNELS * 4 * (4 * nfe + 3)
+
+
+def decoded_bytes(m: dict, rows: int) -> float:
+    """VaeCodec.decode's output for `rows` images at its end: the bf16 chunks, their fp32 cast and the next
+    fp32 temporary (+1, /2): 2.5 fp32 images per row."""
+    return rows * image_bytes(m) * 2.5
 
 
 def rollout_memory(counts: dict, m: dict, rank: int, inputs: int, k: int, nfe: int,
-                   decode_rows: int | None = None) -> dict:
-    """One rollout actor: policy copy, VAE, and the peak of its sampling phases for `inputs` inputs.
+                   allocated_only: bool = False) -> dict:
+    """One rollout actor: policy copy, VAE, trajectories and the peak of its sampling phases for `inputs` inputs.
 
-    fluxir/rl.py sample_candidates runs the ODE rows (inputs) then the explored rows (inputs·(K−1)) as one
-    batch each, and decodes all inputs·K finals at once (`decode_rows` overrides that, e.g. 1 at a time).
+    fluxir/rl.py sample_candidates encodes all inputs at once, runs the ODE rows (inputs) then the explored rows
+    (inputs·(K−1)) as one batch each, and decodes the inputs·K finals in chunks of VaeCodec.decode_batch.
+    allocated_only: no process overhead (what torch.cuda.max_memory_allocated sees).
     """
     rows = inputs * k
-    batch = inputs * max(k - 1, 1)
-    decode = rows if decode_rows is None else min(decode_rows, rows)
-    phases = {"transformer": batch * m["inference_live_bytes"], "vae_decode": decode * m["decode_live_bytes"],
+    phases = {"transformer": inputs * max(k - 1, 1) * m["inference_live_bytes"],
+              "vae_decode": min(decode_chunk(), rows) * m["decode_live_bytes"] + decoded_bytes(m, rows),
               "vae_encode": inputs * m["encode_live_bytes"]}
-    parts = {"weights": (counts["widened"] + counts[f"lora_r{rank}"]) * 2, "vae": counts["vae"] * 2,
+    parts = {"weights": policy_bytes(counts, rank), "vae": counts["vae"] * 2,
              "trajectories": rows * trajectory_bytes(m, nfe), "peak_phase": max(phases.values()),
-             "overhead": ASSUMPTIONS["overhead_gib"] * GIB}
+             "overhead": 0 if allocated_only else ASSUMPTIONS["overhead_gib"] * GIB}
     return {name: gib(v) for name, v in parts.items()} | {"total": gib(sum(parts.values())),
                                                           "peak_phase_is": max(phases, key=phases.get)}
 
 
 def reward_memory(counts: dict, m: dict, rows: int) -> float:
-    return gib(counts["lpips_backbone"] * 4 + rows * m["lpips_live_bytes"]) + ASSUMPTIONS["overhead_gib"]
+    """A reward worker scoring `rows` candidates in one call (RewardWorker.score: compute_metrics on the GPU):
+    LPIPS (fp32), the final and GT images, and the larger of PSNR + SSIM (float64) and LPIPS, all rows at once."""
+    working = max(m["metrics_live_bytes"], m["lpips_live_bytes"])
+    return gib(counts["lpips_backbone"] * 4 + rows * (2 * image_bytes(m) + working)) + ASSUMPTIONS["overhead_gib"]
+
+
+def slot_memory(counts: dict, m: dict, zero: int, micro: int, inputs: int, k: int, nfe: int, rank: int = PLAN_RANK,
+                checkpointing: bool = True, deepspeed: str | None = None) -> dict:
+    """One colocated slot (one GPU): learner rank (micro-batch `micro`), rollout actor (`inputs` inputs) and
+    reward worker (the actor's inputs·K rows). Each process keeps its own peak, so the slot needs their sum."""
+    parts = {"learner": learner_memory(counts, m, rank, zero, micro, checkpointing, deepspeed=deepspeed)["total"],
+             "rollout": rollout_memory(counts, m, rank, inputs, k, nfe)["total"],
+             "reward": reward_memory(counts, m, inputs * k)}
+    return parts | {"total": sum(parts.values())}
 
 
 def max_inputs(fits, limit: int = 4096) -> int:
@@ -477,24 +513,28 @@ def full_depth(report: dict) -> bool:
     return float(report.get("transformer", {}).get("depth_fraction", 1.0)) >= 1.0
 
 
+def largest_batch(records: list[dict]) -> dict:
+    return max(records, key=lambda r: int(r.get("batch", 1)))
+
+
 def measured_rates(report: dict, gpu: str, res: int) -> dict:
     """Measured per-row forward, per-image VAE and per-sample learner seconds for this GPU kind and resolution,
     if recorded; forward and learner times from the largest measured batch (the plan's batches are larger)."""
-    out = {}
     if not report or smoke_gpu(report) != gpu:
-        return out
-    rollouts = [r for r in smoke_records(report) if r["phase"] == "rollout" and r.get("resolution") == res
-                and r.get("ms_per_step") and full_depth(report)]
+        return {}
+    records = [r for r in smoke_records(report) if r.get("resolution") == res]
+    deep = records if full_depth(report) else []
+    out = {}
+    rollouts = [r for r in deep if r["phase"] == "rollout" and r.get("ms_per_step")]
     if rollouts:
-        best = max(rollouts, key=lambda r: int(r.get("batch", 1)))
+        best = largest_batch(rollouts)
         out["row_forward_s"] = best["ms_per_step"] / 1e3 / max(int(best.get("batch", 1)), 1)
-    learners = [r for r in smoke_records(report) if r["phase"] == "learner" and r.get("resolution") == res
-                and r.get("gradient_checkpointing") and r.get("step_s") and full_depth(report)]
+    learners = [r for r in deep if r["phase"] == "learner" and r.get("gradient_checkpointing") and r.get("step_s")]
     if learners:
-        best = max(learners, key=lambda r: int(r.get("batch", 1)))
+        best = largest_batch(learners)
         out["learner_sample_s"] = best["step_s"] / max(int(best.get("batch", 1)), 1)
-    for r in smoke_records(report):
-        if r["phase"] == "vae" and r.get("resolution") == res:
+    for r in records:
+        if r["phase"] == "vae":
             out.update({f"{n}_s": r[f"{n}_ms"] / 1e3 for n in ("encode", "decode") if r.get(f"{n}_ms")})
     return out
 
@@ -503,13 +543,31 @@ def measured_rates(report: dict, gpu: str, res: int) -> dict:
 # Tables
 # ---------------------------------------------------------------------------------------------
 
+def cell(v) -> str:
+    """Floats to 2 decimals; ints with thousands separators from 10,000 (so 512 and 1024 read as pixel sizes)."""
+    if isinstance(v, float):
+        return f"{v:,.2f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    return str(v)
+
+
+def numeric(v) -> bool:
+    """A number, a number as text, or an empty cell."""
+    try:
+        float(str(v).replace(",", "") or 0)
+    except ValueError:
+        return False
+    return not isinstance(v, bool)
+
+
 def table(title: str, headers: list[str], rows: list[list]) -> None:
+    """A Markdown table; columns of numbers are right-aligned."""
     print(f"\n### {title}\n")
     print("| " + " | ".join(headers) + " |")
-    print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
+    print("|" + "|".join("---:" if all(numeric(r[i]) for r in rows) else "---" for i in range(len(headers))) + "|")
     for row in rows:
-        print("| " + " | ".join(f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int)
-                                else str(v) for v in row) + " |")
+        print("| " + " | ".join(cell(v) for v in row) + " |")
 
 
 def capacity(gpu: str) -> float:
@@ -582,42 +640,31 @@ def print_learner(counts: dict, meas: dict) -> dict:
 
 def print_rollout(counts: dict, meas: dict, k: int, nfe: int) -> dict:
     out, rows = {}, []
-    for res in RESOLUTIONS:
-        m = meas[res]
-        one = rollout_memory(counts, m, PLAN_RANK, 1, k, nfe)
-        for gpu in ASSUMPTIONS["gpu_gib"]:
+    for gpu in ASSUMPTIONS["gpu_gib"]:
+        for res, m in meas.items():
             for actors in (1, 2, 3, 4, 5):
                 share = capacity(gpu) / actors
-                n_all = max_inputs(lambda n: rollout_memory(counts, m, PLAN_RANK, n, k, nfe)["total"] <= share)
-                n_one = max_inputs(lambda n: rollout_memory(counts, m, PLAN_RANK, n, k, nfe, 1)["total"] <= share)
-                out[f"{gpu}_{res}px_{actors}actors"] = {"inputs_decode_all": n_all, "inputs_decode_one": n_one}
-                if n_one == 0:
+                n = max_inputs(lambda n: rollout_memory(counts, m, PLAN_RANK, n, k, nfe)["total"] <= share)
+                if n == 0:
                     break
-                rows.append([gpu, res, actors, f"{1 / actors:.2f}", n_all, n_all * k, n_one, n_one * k])
-        out[f"{res}px_one_input"] = one
-    table(f"Rollout actors: inputs (and candidate rows, K={k}, NFE={nfe}) that fit per actor",
-          ["GPU", "px", "actors per GPU", "num_gpus each", "inputs (decode all, as now)", "rows",
-           "inputs (decode 1 at a time)", "rows"], rows)
+                phase = rollout_memory(counts, m, PLAN_RANK, n, k, nfe)["peak_phase_is"]
+                out[f"{gpu}_{res}px_{actors}actors"] = {"inputs": n, "rows": n * k, "peak_phase": phase}
+                rows.append([gpu, res, actors, f"{1 / actors:.2f}", n, n * k, phase])
+    for res, m in meas.items():
+        out[f"{res}px_one_input"] = rollout_memory(counts, m, PLAN_RANK, 1, k, nfe)
+    table(f"Rollout actors: inputs (and candidate rows, K={k}, NFE={nfe}) that fit per actor "
+          f"(VAE decode in chunks of {decode_chunk()})",
+          ["GPU", "px", "actors per GPU", "num_gpus each", "inputs", "rows", "largest phase"], rows)
     rows = []
-    for res in RESOLUTIONS:
-        m = meas[res]
-        rows.append([res, gib((counts["widened"] + counts[f"lora_r{PLAN_RANK}"]) * 2),
-                     gib(m["inference_live_bytes"]), gib(m["decode_live_bytes"]), gib(m["encode_live_bytes"]),
-                     gib(trajectory_bytes(m, nfe)), gib(m["lpips_live_bytes"])])
-    table(f"Rollout memory terms, GiB (r={PLAN_RANK}; per row = one candidate)",
+    for res, m in meas.items():
+        rows.append([res, gib(policy_bytes(counts, PLAN_RANK)), gib(m["inference_live_bytes"]),
+                     gib(m["decode_live_bytes"]), gib(m["encode_live_bytes"]), gib(decoded_bytes(m, 1)),
+                     gib(trajectory_bytes(m, nfe)), gib(m["metrics_live_bytes"]), gib(m["lpips_live_bytes"])])
+    table(f"Rollout and reward memory terms, GiB (r={PLAN_RANK}; per row = one candidate)",
           ["px", "bf16 policy copy", "transformer live / row", "VAE decode live / image (bf16)",
-           "VAE encode live / image", f"trajectory tensors / row (NFE {nfe})", "LPIPS live / pair"], rows)
+           "VAE encode live / input", "decoded image / row", f"trajectory tensors / row (NFE {nfe})",
+           "PSNR + SSIM live / row (float64)", "LPIPS live / pair"], rows)
     return out
-
-
-def colocated(counts: dict, m: dict, gpu: str, zero: int, micro: int, k: int, nfe: int, decode_rows=None) -> dict:
-    """One learner rank + one rollout actor (micro inputs, the rsr shard) + one reward worker on one GPU."""
-    learner = learner_memory(counts, m, PLAN_RANK, zero, micro, True)["total"]
-    rollout = rollout_memory(counts, m, PLAN_RANK, micro, k, nfe, decode_rows)["total"]
-    reward = reward_memory(counts, m, micro * k)
-    total = learner + rollout + reward
-    return {"learner": learner, "rollout": rollout, "reward": reward, "total": total,
-            "fits": total <= capacity(gpu)}
 
 
 def print_colocated(counts: dict, meas: dict, k: int, nfe: int) -> dict:
@@ -625,20 +672,54 @@ def print_colocated(counts: dict, meas: dict, k: int, nfe: int) -> dict:
     for gpu in ASSUMPTIONS["gpu_gib"]:
         for res in RESOLUTIONS:
             for zero in (2, 3):
-                for decode in (None, 1):
-                    fit = lambda n: colocated(counts, meas[res], gpu, zero, n, k, nfe, decode)["fits"]  # noqa: E731
-                    best = max_inputs(fit, 64)
-                    shown = colocated(counts, meas[res], gpu, zero, max(best, 1), k, nfe, decode)
-                    tag = "all" if decode is None else "1 at a time"
-                    out[f"{gpu}_{res}px_zero{zero}_decode_{'all' if decode is None else 'one'}"] = {
-                        "max_micro_batch": best, **shown}
-                    rows.append([gpu, res, f"ZeRO-{zero}", tag, best, shown["learner"], shown["rollout"],
-                                 shown["reward"], shown["total"]])
-    table(f"Colocated: learner rank + rollout actor + the reward worker on one GPU (r={PLAN_RANK}, K={k}, "
+                slot = lambda n: slot_memory(counts, meas[res], zero, n, n, k, nfe)  # noqa: E731
+                best = max_inputs(lambda n: slot(n)["total"] <= capacity(gpu), 256)
+                shown = slot(max(best, 1))
+                out[f"{gpu}_{res}px_zero{zero}"] = {"max_micro_batch": best, **shown}
+                rows.append([gpu, res, f"ZeRO-{zero}", best, shown["learner"], shown["rollout"], shown["reward"],
+                             shown["total"]])
+    table(f"Colocated slot: learner rank + rollout actor + reward worker on one GPU (r={PLAN_RANK}, K={k}, "
           f"NFE={nfe}, checkpointing; rsr: rollout inputs per actor = learner micro-batch)",
-          ["GPU", "px", "ZeRO", "VAE decode", "largest micro-batch that fits", "learner GiB", "rollout GiB",
-           "reward GiB", "total GiB"], rows)
+          ["GPU", "px", "ZeRO", "largest micro-batch that fits", "learner GiB", "rollout GiB", "reward GiB",
+           "total GiB"], rows)
     return out
+
+
+def slot_gpu(cfg) -> dict:
+    """The GPU fractions of a colocated config's roles (learner, rollout, reward)."""
+    rl = cfg.rl
+    return {role: getattr(rl, f"{role}_resources").get("GPU", 0) for role in ("learner", "rollout", "reward")}
+
+
+def print_config_check(counts: dict, meas: dict, cfg, path: str = CONFIG) -> dict:
+    """The config as it is: its crop, shard sizes, K, NFE, ZeRO stage, rank and checkpointing, slot by slot."""
+    from actors.rl import slot_resources  # the bundles RLSystem asks Ray for (raises if a slot's GPUs sum > 1)
+
+    rl, rank = cfg.rl, cfg.model.lora.rank
+    if rank not in RANKS:
+        raise ValueError(f"{path}: model.lora.rank {rank} is not one of the counted ranks {RANKS}")
+    px = cfg.data.crop
+    m = meas.get(px) or measure(px)
+    rows_per_input = rl.candidates if rl.objective == "grpo" else 1  # rsr trains one row per input
+    setting = {"config": path, "colocate": rl.colocate, "px": px, "k": rl.candidates, "nfe": rl.nfe,
+               "objective": rl.objective, "zero_stage": rl.zero_stage, "deepspeed": rl.deepspeed, "rank": rank,
+               "checkpointing": cfg.model.gradient_checkpointing,
+               "micro_batch": -(-rl.batch_size * rows_per_input // rl.num_learners),
+               "inputs_per_actor": -(-rl.batch_size // rl.num_rollout_actors), "num_gpus": slot_gpu(cfg),
+               "slots": [slot_resources(cfg, i) for i in range(rl.num_learners)] if rl.colocate else None}
+    mem = slot_memory(counts, m, rl.zero_stage, setting["micro_batch"], setting["inputs_per_actor"], rl.candidates,
+                      rl.nfe, rank, cfg.model.gradient_checkpointing, rl.deepspeed)
+    per_gpu = {gpu: {"capacity": capacity(gpu), "fits": mem["total"] <= capacity(gpu),
+                     "headroom": capacity(gpu) - mem["total"]} for gpu in ASSUMPTIONS["gpu_gib"]}
+    table(f"{path} as it is: one slot (px {px}, learner micro-batch {setting['micro_batch']}, "
+          f"{setting['inputs_per_actor']} inputs per rollout actor, K={rl.candidates}, NFE={rl.nfe}, "
+          f"ZeRO-{rl.zero_stage}, r={rank})",
+          ["GPU", "learner GiB", "rollout GiB", "reward GiB", "total GiB", "90 % of the card", "fits", "headroom"],
+          [[gpu, mem["learner"], mem["rollout"], mem["reward"], mem["total"], v["capacity"],
+            "yes" if v["fits"] else "no", v["headroom"]] for gpu, v in per_gpu.items()])
+    print(f"\nslot 0 bundle: {setting['slots'][0] if setting['slots'] else 'not colocated'}; "
+          f"num_gpus learner / rollout / reward: {' / '.join(f'{v:g}' for v in setting['num_gpus'].values())}")
+    return {**setting, "gib": mem, "per_gpu": per_gpu}
 
 
 def print_time(counts: dict, meas: dict, k: int, tflops: dict, smoke: dict, layout: list[dict]) -> dict:
@@ -692,24 +773,25 @@ def print_flops(meas: dict) -> None:
 
 def smoke_estimates(r: dict, counts: dict, m: dict, rate: dict, rank: int) -> list[tuple]:
     """(figure, measured, estimate) for one gpu_smoke record; memory as max_memory_allocated would see it."""
-    batch = int(r.get("batch", 1))
+    batch, ckpt = int(r.get("batch") or 1), bool(r.get("gradient_checkpointing", True))
+    weights = policy_bytes(counts, rank) + counts["vae"] * 2
     if r["phase"] == "learner":
-        mem = learner_memory(counts, m, rank, 2, batch, bool(r.get("gradient_checkpointing", True)), gpus=1,
-                             allocated_only=True)
-        return [("peak GiB", r.get("peak_gib"), mem["total"]),
-                ("step s", r.get("step_s"), learner_seconds(m, rate, bool(r.get("gradient_checkpointing", True)))
-                 * batch)]
+        mem = learner_memory(counts, m, rank, 2, batch, ckpt, gpus=1, allocated_only=True)
+        return [("step s", r.get("step_s"), learner_seconds(m, rate, ckpt) * batch),
+                ("peak GiB", r.get("peak_gib"), mem["total"])]
     if r["phase"] == "rollout":
-        weights = (counts["widened"] + counts[f"lora_r{rank}"] + counts["vae"]) * 2
-        peak = gib(weights + batch * m["inference_live_bytes"])
         return [("ms / step", r.get("ms_per_step"), 1e3 * batch * forward_flops(m) / rate["bf16"]),
-                ("peak GiB", r.get("peak_gib"), peak)]
+                ("peak GiB", r.get("peak_gib"), gib(weights + batch * m["inference_live_bytes"]))]
     if r["phase"] == "vae":
         return [("encode ms", r.get("encode_ms"), 1e3 * m["encode_flops"] / rate["conv"]),
-                ("decode ms", r.get("decode_ms"), 1e3 * m["decode_flops"] / rate["conv"])]
+                ("decode ms", r.get("decode_ms"), 1e3 * m["decode_flops"] / rate["conv"]),
+                ("peak GiB", r.get("peak_gib"), gib(weights + max(m["encode_live_bytes"], m["decode_live_bytes"])))]
     if r["phase"] == "rollout_input":
-        est = rollout_seconds(m, rate, int(r.get("candidates", 4)), int(r.get("nfe", 4)), {})
-        return [("s per input (K, NFE of the record)", r.get("seconds"), est["transformer"] + est["vae"])]
+        k, nfe = int(r.get("candidates", 4)), int(r.get("nfe", 4))
+        est = rollout_seconds(m, rate, k, nfe, {})
+        mem = rollout_memory(counts, m, rank, 1, k, nfe, allocated_only=True)
+        return [(f"s per input (K={k}, NFE={nfe})", r.get("seconds"), est["transformer"] + est["vae"]),
+                ("peak GiB", r.get("peak_gib"), mem["total"])]
     return []
 
 
@@ -737,35 +819,36 @@ def print_measured(counts: dict, meas: dict, report: dict, tflops: dict) -> list
             rows.append([r["phase"], res, r.get("batch", ""), ckpt_tag(r), str(status)[:60], "", ""])
             continue
         for what, got, est in smoke_estimates(r, counts, meas[res], rate, rank):
-            rows.append([r["phase"], res, r.get("batch", ""), ckpt_tag(r), what, got, est])
-            out.append({"gpu": gpu, "phase": r["phase"], "resolution": res, "batch": r.get("batch"), "what": what,
+            rows.append([r["phase"], res, r.get("batch", ""), ckpt_tag(r), what, f"{got}", est])  # as recorded
+            out.append({"gpu": gpu, "phase": r["phase"], "resolution": res, "batch": r.get("batch"),
+                        "gradient_checkpointing": r.get("gradient_checkpointing"), "what": what,
                         "measured": got, "estimate": est})
-    table(f"Measured on one GPU ({report.get('device', 'device not named')}, r={rank}; "
-          f"benchmarks/results/gpu_smoke.json) next to the estimate{note}",
+    table(f"Measured on one GPU ({report.get('device', 'device not named')}, torch {report.get('torch', '?')}, "
+          f"r={rank}; benchmarks/results/gpu_smoke.json, `{report.get('command', '?')}`) next to the estimate{note}",
           ["phase", "px", "batch", "grad ckpt", "figure", "measured", "estimate"], rows)
     return out
 
 
-def recommend(coloc: dict, k: int) -> list[dict]:
-    """Per node kind and resolution: all roles on all 8 GPUs (the phases of an iteration run one after another)
-    with the largest micro-batch that fits. First choice that reaches `rollout_min_inputs` per actor: the code
-    as it is (all candidates decoded at once) with ZeRO-2, then with ZeRO-3, then one-at-a-time decoding."""
+def recommend(coloc: dict, k: int, cfg) -> list[dict]:
+    """Per node kind and resolution: one slot per GPU (learner rank, rollout actor, reward worker) with the largest
+    micro-batch that fits. ZeRO-2 if it reaches `rollout_min_inputs` per actor, else ZeRO-3 if that does, else the
+    stage that fits more. The GPU fractions are the config's (with slots any split that sums to 1 places the same)."""
     out = []
     for gpu in ASSUMPTIONS["gpu_gib"]:
         for res in RESOLUTIONS:
-            options = [(zero, decode, coloc[f"{gpu}_{res}px_zero{zero}_decode_{decode}"]["max_micro_batch"])
-                       for decode in ("all", "one") for zero in (2, 3)]
-            good = [o for o in options if o[2] >= ASSUMPTIONS["rollout_min_inputs"]]
-            zero, decode, micro = good[0] if good else max(options, key=lambda o: o[2])
-            out.append({"gpu": gpu, "resolution": res, "zero_stage": zero, "decode": decode, "micro_batch": micro,
+            options = [(zero, coloc[f"{gpu}_{res}px_zero{zero}"]["max_micro_batch"]) for zero in (2, 3)]
+            good = [o for o in options if o[1] >= ASSUMPTIONS["rollout_min_inputs"]]
+            zero, micro = good[0] if good else max(options, key=lambda o: o[1])
+            out.append({"gpu": gpu, "resolution": res, "zero_stage": zero, "micro_batch": micro,
                         "rl.batch_size": GPUS_PER_NODE * micro, "learners": GPUS_PER_NODE,
-                        "rollout_actors": GPUS_PER_NODE, "reward_workers": 1, **COLOCATED_GPU})
-    table(f"Recommended layout per 8-GPU node (r={PLAN_RANK}, K={k}, rsr; every GPU hosts one learner rank and "
-          "one rollout actor, one GPU also the reward worker)",
-          ["GPU", "px", "ZeRO", "VAE decode", "micro-batch (= rollout inputs per actor)", "rl.batch_size",
+                        "rollout_actors": GPUS_PER_NODE, "reward_workers": GPUS_PER_NODE,
+                        "num_gpus": slot_gpu(cfg)})
+    table(f"Recommended layout per 8-GPU node (r={PLAN_RANK}, K={k}, rsr; rl.colocate: 8 slots, one per GPU, "
+          "each a learner rank, a rollout actor and a reward worker)",
+          ["GPU", "px", "ZeRO", "micro-batch (= rollout inputs per actor)", "rl.batch_size",
            "learner / rollout / reward num_gpus"],
-          [[r["gpu"], r["resolution"], f"ZeRO-{r['zero_stage']}", r["decode"], r["micro_batch"], r["rl.batch_size"],
-            f"{r['learner_gpu']} / {r['rollout_gpu']} / {r['reward_gpu']}"] for r in out])
+          [[r["gpu"], r["resolution"], f"ZeRO-{r['zero_stage']}", r["micro_batch"], r["rl.batch_size"],
+            " / ".join(f"{v:g}" for v in r["num_gpus"].values())] for r in out])
     return out
 
 
@@ -783,8 +866,9 @@ def main() -> None:
     tflops = {"H100": args.tflops_h100, "H200": args.tflops_h200}
     ASSUMPTIONS["tflops_bf16"] = tflops
     k, nfe_mem = args.candidates, max(NFES)
+    cfg = load_config(ROOT / CONFIG)
     counts = param_counts()
-    meas = measure()
+    meas = {res: measure(res) for res in RESOLUTIONS}
     smoke = {} if args.no_smoke else load_smoke()
     print_params(counts)
     print_activation_constants(meas)
@@ -792,19 +876,21 @@ def main() -> None:
     learner = print_learner(counts, meas)
     rollout = print_rollout(counts, meas, k, nfe_mem)
     coloc = print_colocated(counts, meas, k, nfe_mem)
-    layout = recommend(coloc, k)
+    layout = recommend(coloc, k, cfg)
+    config_check = print_config_check(counts, meas, cfg)
     timing = print_time(counts, meas, k, tflops, smoke, layout)
     measured = print_measured(counts, meas, smoke, tflops)
     seconds = time.perf_counter() - started
-    print(f"\n{seconds:.1f} s; assumptions: {json.dumps(ASSUMPTIONS)}")
+    print(f"\n{seconds:.1f} s; decode chunk {decode_chunk()}; assumptions: {json.dumps(ASSUMPTIONS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"command": ".venv/bin/python benchmarks/scaling_plan.py" + (" --no-smoke" if args.no_smoke else ""),
               "machine": machine(), "seconds": seconds,
-              "assumptions": ASSUMPTIONS, "candidates": k, "plan_rank": PLAN_RANK, "params": counts,
+              "assumptions": ASSUMPTIONS, "candidates": k, "plan_rank": PLAN_RANK, "decode_chunk": decode_chunk(),
+              "params": counts,
               "measured_on_meta": {str(r): {**v, "saved": {str(k2): s for k2, s in v["saved"].items()}}
                                    for r, v in meas.items()},
-              "learner_gib": learner, "rollout": rollout, "colocated": coloc, "time": timing, "layout": layout,
-              "gpu_smoke": measured or "not measured"}
+              "learner_gib": learner, "rollout": rollout, "colocated": coloc, "layout": layout,
+              "config_check": config_check, "time": timing, "gpu_smoke": measured or "not measured"}
     (RESULTS / "scaling_plan.json").write_text(json.dumps(result, indent=1, default=str))
 
 

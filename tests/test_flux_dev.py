@@ -142,6 +142,26 @@ def test_flux_dev_policy_widened_input_lora_targets_and_checkpointing(pipeline, 
     assert grads[0][:, 64:].abs().sum() > 0  # the LQ columns learn
 
 
+def test_colocated_slots_and_precision_are_checked(pipeline, tmp_path):
+    from actors.learner import learner_ds_config
+    from actors.pretrain import deepspeed_config
+    from actors.rl import slot_resources
+    from fluxir.config import ConfigError
+
+    cfg = load_config(ROOT / "configs/flux-dev-7task.yaml", ["model.path=/models/FLUX.1-dev"])
+    assert [slot_resources(cfg, i) for i in range(8)] == [{"CPU": 16.0, "GPU": 1.0}] * 8  # one GPU per slot
+    assert learner_ds_config(cfg, 8)["bf16"]["enabled"] and deepspeed_config(cfg)["bf16"]["enabled"]
+    heavy = load_config(ROOT / "configs/flux-dev-7task.yaml", ["model.path=/m", "rl.rollout_resources={GPU: 0.6}"])
+    with pytest.raises(ValueError, match="slot 0 asks for 1.15 GPU"):
+        slot_resources(heavy, 0)
+    with pytest.raises(ConfigError, match="one rollout actor per learner slot"):
+        load_config(ROOT / "configs/flux-dev-7task.yaml", ["model.path=/m", "rl.num_rollout_actors=4"])
+    fp32_json = load_config(ROOT / "configs/flux-dev-7task.yaml",
+                            ["model.path=/m", "rl.deepspeed=configs/deepspeed/zero2_cpu.json"])
+    with pytest.raises(ValueError, match="model.dtype=bfloat16 needs a DeepSpeed JSON with bf16.*rl.deepspeed"):
+        learner_ds_config(fp32_json, 8)
+
+
 def test_one_rl_iteration_on_the_flux_dev_path(ray_session, pipeline, cache, tmp_path):
     """2 colocated slots (learner + rollout actor each, the reward worker in slot 0), DeepSpeed ZeRO-2 on the
     VAE codec, prompt cache, LoRA and widened input: one iteration changes the adapter and the LQ columns."""
