@@ -59,7 +59,8 @@ async def _stream(client, job_id: str) -> None:
 
 
 def submit(config: str, overrides: list[str], command: str = "run", address: str | None = None,
-           runtime_env: str | None = None, follow: bool = False, submission_id: str | None = None) -> int:
+           runtime_env: str | None = None, follow: bool = False, submission_id: str | None = None,
+           entrypoint_gpus: float = 0) -> int:
     """Submit one fluxir job; returns 0 (submitted, or followed to SUCCEEDED) or 1 (followed to a failure)."""
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if not address.startswith("http"):
@@ -70,6 +71,7 @@ def submit(config: str, overrides: list[str], command: str = "run", address: str
     client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=entrypoint(command, config, overrides),
                                runtime_env=load_runtime_env(runtime_env), submission_id=submission_id,
+                               entrypoint_num_gpus=entrypoint_gpus or None,
                                metadata={"fluxir_config": config, "fluxir_command": command})
     print(f"submitted job {job_id}\n  dashboard: {dashboard_url(address, job_id)}\n"
           f"  logs:      ray job logs --address {address} -f {job_id}")

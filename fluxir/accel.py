@@ -20,6 +20,11 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's parameters are (the CPU for a module without any, like the pixel codec)."""
+    return next(module.parameters(), torch.empty(0)).device
+
+
 def place(module: torch.nn.Module, dtype_name: str = "float32", device=None) -> torch.device:
     """Move `module` to `device` (default: `runtime_device()`) in the named dtype; return the device."""
     device = runtime_device() if device is None else torch.device(device)

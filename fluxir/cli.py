@@ -28,12 +28,16 @@ def _policy_dir(cfg: Config, given: str | None) -> Path:
 
 
 def _load_trained(cfg: Config, policy_dir: Path):
+    from fluxir.accel import place
     from fluxir.codec import build_codec
     from fluxir.policy import load_policy
     from fluxir.pretrain import token_channels
 
     codec = build_codec(cfg)
-    return load_policy(policy_dir, cfg, token_channels(codec)), codec
+    policy = load_policy(policy_dir, cfg, token_channels(codec))
+    device = place(policy, cfg.model.dtype)  # a GPU when this process has one (e.g. `submit --entrypoint-gpus`)
+    place(codec, cfg.model.dtype, device)
+    return policy, codec
 
 
 def _testset(cfg: Config) -> dict:
@@ -353,7 +357,8 @@ def cmd_submit(args) -> int:
     from actors.submit import submit
 
     return submit(args.config, args.overrides, command=args.command, address=args.address,
-                  runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id)
+                  runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id,
+                  entrypoint_gpus=args.entrypoint_gpus)
 
 
 def cmd_embed_prompts(args) -> int:
@@ -408,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fluxir subcommand the job runs (default: run)")
     p.add_argument("--runtime-env", help="runtime env YAML (default: cluster/runtime_env.yaml)")
     p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
+    p.add_argument("--entrypoint-gpus", type=float, default=0,
+                   help="GPUs for the driver process (evaluation and restore run there), e.g. 1")
     p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
     p.set_defaults(func=cmd_submit)
 

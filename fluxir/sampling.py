@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fluxir import flow
+from fluxir.accel import module_device
 from fluxir.codec import image_ids, pack, unpack
 
 
@@ -73,13 +74,17 @@ def sample_trajectory(policy, lq_tokens, task, img_ids, schedule, flow_cfg, x_st
 
 @torch.no_grad()
 def restore(policy, codec, lq: torch.Tensor, task: torch.Tensor, schedule, flow_cfg, seed: int = 0) -> torch.Tensor:
-    """Restore a batch (B, 3, H, W) in [0, 1] with the ODE sampler; returns (B, 3, H, W) in [0, 1]."""
-    z = codec.encode(lq)
+    """Restore a batch (B, 3, H, W) in [0, 1] with the ODE sampler; returns (B, 3, H, W) in [0, 1].
+
+    Runs on the policy's device (codec beside it) and returns on `lq`'s device.
+    """
+    device = module_device(policy)
+    z = codec.encode(lq.to(device))
     h, w = z.shape[-2:]
     gen = torch.Generator().manual_seed(seed)
-    traj = sample_trajectory(policy, pack(z), task, image_ids(h, w, device=z.device), schedule, flow_cfg,
+    traj = sample_trajectory(policy, pack(z), task.to(device), image_ids(h, w, device=device), schedule, flow_cfg,
                              generator=gen)
-    return codec.decode(unpack(traj.final, h, w))
+    return codec.decode(unpack(traj.final, h, w)).to(lq.device)
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:

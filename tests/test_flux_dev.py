@@ -142,6 +142,16 @@ def test_flux_dev_policy_widened_input_lora_targets_and_checkpointing(pipeline, 
     assert grads[0][:, 64:].abs().sum() > 0  # the LQ columns learn
 
 
+def test_restore_an_odd_sized_image_through_the_vae_path(pipeline, cache):
+    from fluxir.evaluate import eval_schedule, restore_image
+
+    cfg = _cfg(pipeline, cache.parent)
+    policy, codec = build_policy(cfg, 64).eval(), build_codec(cfg)
+    image = torch.rand(3, 40, 50)
+    out = restore_image(policy, codec, image, "denoise", cfg, eval_schedule(cfg, 2))
+    assert out.shape == image.shape and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+
+
 def test_colocated_slots_and_precision_are_checked(pipeline, tmp_path):
     from actors.learner import learner_ds_config
     from actors.pretrain import deepspeed_config
