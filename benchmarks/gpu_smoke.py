@@ -114,7 +114,7 @@ def build(cfg, shapes: dict, vae_shapes: dict, device, text_tokens: int):
         tokens = torch.randn(n, text_tokens, shapes["joint_attention_dim"]) * 0.1
         pooled = torch.randn(n, shapes["pooled_projection_dim"]) * 0.1
     token_channels = vae_shapes["latent_channels"] * 4
-    policy = assemble_policy(transformer, cfg.model, token_channels, tokens, pooled, learn_conditioning=False)
+    policy = assemble_policy(transformer, cfg.model, token_channels, lambda _: (tokens, pooled, False))
     return policy.to(device=device, dtype=torch.bfloat16).eval(), VaeCodec(vae).to(device)
 
 

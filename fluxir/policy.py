@@ -161,27 +161,41 @@ def build_policy(cfg, token_channels: int) -> RestorationPolicy:
             transformer = _tiny_transformer(m, token_channels)
         else:
             transformer = _pretrained_transformer(Path(m.path), token_channels, m.dtype)
-        if m.prompt_cache:
-            from fluxir.prompts import load_prompt_cache
 
-            tokens, pooled = load_prompt_cache(m.prompt_cache, cfg)
-        else:
-            cfg_t = transformer.config
-            tokens = torch.randn(num_conditions, m.text_tokens, cfg_t.joint_attention_dim) * 0.02
-            pooled = torch.randn(num_conditions, cfg_t.pooled_projection_dim) * 0.02
-        policy = assemble_policy(transformer, m, token_channels, tokens, pooled, learn_conditioning=not m.prompt_cache)
+        policy = assemble_policy(transformer, m, token_channels, _task_conditioning(cfg, num_conditions))
     log.info("policy: %s, %.2f M params (%.2f M trainable)", m.preset,
              sum(p.numel() for p in policy.parameters()) / 1e6,
              sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6)
     return policy
 
 
-def assemble_policy(transformer, m, token_channels: int, tokens: torch.Tensor, pooled: torch.Tensor,
-                    learn_conditioning: bool) -> RestorationPolicy:
-    """A loaded transformer -> the policy: widened LQ input, output init, LoRA, checkpointing (`m`: model config)."""
+def _task_conditioning(cfg, num_conditions: int):
+    """`assemble_policy`'s conditioning step: the prompt cache (flux-dev) or learned task tokens (tiny),
+    drawn after the widening as they always were, so a seed gives the same tiny init as before."""
+    m = cfg.model
+
+    def draw(transformer):
+        if m.prompt_cache:
+            from fluxir.prompts import load_prompt_cache
+
+            return (*load_prompt_cache(m.prompt_cache, cfg), False)
+        cfg_t = transformer.config
+        return (torch.randn(num_conditions, m.text_tokens, cfg_t.joint_attention_dim) * 0.02,
+                torch.randn(num_conditions, cfg_t.pooled_projection_dim) * 0.02, True)
+
+    return draw
+
+
+def assemble_policy(transformer, m, token_channels: int, conditioning) -> RestorationPolicy:
+    """A loaded transformer -> the policy: widened LQ input, output init, task conditioning, LoRA, checkpointing.
+
+    `m` is the model config; `conditioning(transformer)` returns (tokens, pooled, learnable). The order of
+    the random draws (widening, conditioning, LoRA) is part of the seeded init.
+    """
     widen_input(transformer, token_channels)
     if m.parametrization == "x0_residual":
         zero_output(transformer)
+    tokens, pooled, learn_conditioning = conditioning(transformer)
     if m.lora.enabled:
         transformer.requires_grad_(False)
         add_lora(transformer, m.lora)

@@ -98,3 +98,12 @@ def test_a_transformer_folder_without_weights_is_named(tmp_path):
     cfg = load_config(None, ["model.preset=flux-dev", f"model.path={tmp_path}", "model.prompt_cache=p.safetensors"])
     with pytest.raises(IncompleteModelFolder, match="transformer/diffusion_pytorch_model.safetensors"):
         build_policy(cfg, 16)
+
+
+def test_the_tiny_init_is_the_one_the_published_results_came_from():
+    """The README and docs/BENCHMARKS.md figures come from this seeded init (blake2b of the trainable
+    tensors, torch 2.14.1): reordering the random draws (widening, task tokens, LoRA) changes every figure."""
+    from fluxir.weightsync import weights_checksum
+
+    state = build_policy(load_config("configs/tiny.yaml"), 12).trainable_state_dict()
+    assert weights_checksum(state) == "a2fd79a45ddc425e8493a75269888cf087b6c1d41b5af19b2d014d2be7ef87e7"
