@@ -68,14 +68,9 @@ class VaeCodec(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "VaeCodec":
         from diffusers import AutoencoderKL
 
-        from fluxir.flux_folder import require
+        from fluxir.flux_folder import require_model
 
-        path = Path(path)
-        if path.name == "vae":  # inside a pipeline folder: name every missing file, weights too
-            require(path.parent, ("vae",), "the VAE codec")
-        elif not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no AutoencoderKL at {path} (missing config.json)")
-        return cls(AutoencoderKL.from_pretrained(path))
+        return cls(AutoencoderKL.from_pretrained(require_model(path, "diffusers", "the VAE codec")))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

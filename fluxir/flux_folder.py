@@ -27,26 +27,24 @@ def _missing_weights(folder: Path, stem: str) -> list[str]:
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [f"{folder.name}/{s} (listed in {index.name})" for s in shards if not (folder / s).is_file()]
+        return [f"{s} (listed in {index.name})" for s in shards if not (folder / s).is_file()]
     if (folder / f"{stem}.safetensors").is_file():
         return []
-    return [f"{folder.name}/{stem}.safetensors (or a sharded {index.name})"]
+    return [f"{stem}.safetensors (or a sharded {index.name})"]
+
+
+def _missing_in(folder: Path, kind: str, label: str) -> list[str]:
+    """What one component folder of `kind` lacks, each path prefixed with `label`."""
+    if kind == "tokenizer":
+        return [] if (folder / "tokenizer_config.json").is_file() else [f"{label}/tokenizer_config.json"]
+    missing = [] if (folder / "config.json").is_file() else [f"{label}/config.json"]
+    return missing + [f"{label}/{m}" for m in _missing_weights(folder, _WEIGHTS[kind])]
 
 
 def missing_files(root: str | Path, parts: tuple[str, ...]) -> list[str]:
     """Paths (relative to `root`) that `parts` need and the folder lacks; [] when complete."""
     root = Path(root)
-    missing = []
-    for part in parts:
-        folder = root / part
-        kind = _PARTS[part]
-        if kind == "tokenizer":
-            if not (folder / "tokenizer_config.json").is_file():
-                missing.append(f"{part}/tokenizer_config.json")
-            continue
-        if not (folder / "config.json").is_file():
-            missing.append(f"{part}/config.json")
-        missing += _missing_weights(folder, _WEIGHTS[kind])
+    missing = [m for part in parts for m in _missing_in(root / part, _PARTS[part], part)]
     if any(p in TEXT_PARTS for p in parts) and not (root / "model_index.json").is_file():
         missing.insert(0, "model_index.json")
     return missing
@@ -62,3 +60,12 @@ def require(root: str | Path, parts: tuple[str, ...], purpose: str) -> Path:
     if missing:
         raise IncompleteModelFolder(f"model.path {root} is incomplete for {purpose}: missing {', '.join(missing)}")
     return root
+
+
+def require_model(folder: str | Path, kind: str, purpose: str) -> Path:
+    """One component folder anywhere (e.g. `codec.vae_path`), checked like a pipeline's parts."""
+    folder = Path(folder)
+    missing = _missing_in(folder, kind, str(folder))
+    if missing:
+        raise IncompleteModelFolder(f"{folder} is incomplete for {purpose}: missing {', '.join(missing)}")
+    return folder
