@@ -51,8 +51,11 @@ class FlowMatchingRecipe:
         return build_policy(self.cfg, token_channels(self.codec))
 
     def place(self, device) -> None:
-        """Put the codec (FLUX's VAE, frozen, kept in fp32) on the engine's device."""
-        self.codec.to(device)
+        """Put the codec (FLUX's frozen VAE) on the engine's device in `model.dtype`, as the RL learners do,
+        so stage 0 and stage 1 encode their targets alike."""
+        from fluxir.accel import place
+
+        place(self.codec, self.cfg.model.dtype, device)
 
     def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
