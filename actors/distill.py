@@ -33,7 +33,7 @@ from fluxir.pretrain import token_channels
 from fluxir.report import write_json
 from fluxir.rollouts import to_record_batch, write_parquet
 
-from actors.runtime import init_ray
+from actors.runtime import init_ray, threads_for
 from actors.tracking import DISTILL_GAUGES, StageMetrics
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def hparams(cfg: Config, params: dict) -> D.DistillHParams:
 def distill_trial(params: dict, shared: dict) -> None:
     """One Tune trial: a student for `params["budget"]` trained from the teacher, resumable from its checkpoint."""
     cfg = config_from_dict(shared["cfg"], "distill trial")
-    torch.set_num_threads(max(1, int(cfg.distill.trial_resources.get("CPU", 1))))
+    torch.set_num_threads(threads_for(cfg.distill.trial_resources))
     hp = hparams(cfg, params)
     codec = build_codec(cfg)
     policy = build_policy(cfg, token_channels(codec))

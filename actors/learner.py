@@ -17,6 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.runtime import threads_for
 from actors.train import _import_deepspeed, check_precision, full_parameters, load_ds_config
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(n, world)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
-
-
-def threads_for(resources: dict[str, float]) -> int:
-    return max(1, int(resources.get("CPU", 1)))
 
 
 @ray.remote

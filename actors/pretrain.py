@@ -41,8 +41,10 @@ def recipe_config(cfg) -> dict:
     return tree
 
 
-def run_pretrain(cfg, show_progress: bool = True, resume: bool = True) -> dict:
-    """Train (or resume) the stage-0 policy; returns {"model_dir", "seconds", "metrics"}."""
+def run_pretrain(cfg, show_progress: bool = True, resume: bool = True, on_metrics=None) -> dict:
+    """Train (or resume) the stage-0 policy; returns {"model_dir", "seconds", "metrics"}.
+
+    `on_metrics(dict)`, if given, sees every metrics report of rank 0 (step, loss, steps_per_s, ...)."""
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
     bar = None
     if show_progress:
@@ -55,6 +57,8 @@ def run_pretrain(cfg, show_progress: bool = True, resume: bool = True) -> dict:
 
     def progress(metrics: dict) -> None:
         gauges.record(metrics)
+        if on_metrics is not None:
+            on_metrics(metrics)
         if "step" in metrics:
             tracker.log(metrics, step=int(metrics["step"]))
         if bar is not None and "step" in metrics:
@@ -70,7 +74,7 @@ def run_pretrain(cfg, show_progress: bool = True, resume: bool = True) -> dict:
                            ds_config=deepspeed_config(cfg), checkpoint_every=cfg.pretrain.checkpoint_every,
                            keep_checkpoints=cfg.pretrain.keep_checkpoints, resume=resume,
                            log_every=cfg.pretrain.log_every, progress=progress,
-                           resources_per_worker=cfg.pretrain.worker_resources)
+                           resources_per_worker=cfg.pretrain.worker_resources, ema_decay=cfg.pretrain.ema_decay)
     finally:
         tracker.finish()
         if bar is not None:

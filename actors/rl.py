@@ -27,8 +27,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.learner import LearnerGroup, actor_options, threads_for
-from actors.runtime import init_ray
+from actors.learner import LearnerGroup, actor_options
+from actors.runtime import init_ray, threads_for
 from actors.tracking import Tracker, rl_metrics
 
 log = logging.getLogger(__name__)
@@ -383,10 +383,9 @@ def load_latest(system: RLSystem, root: Path) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 def rl_stream(cfg):
-    from fluxir.data import TrainStream, mix_seed
-    from fluxir.pretrain import training_images
+    from fluxir.data import mix_seed, train_stream
 
-    return TrainStream(training_images(cfg), cfg.data.tasks, cfg.data.crop, cfg.rl.batch_size, mix_seed(cfg.seed, 1))
+    return train_stream(cfg, batch_size=cfg.rl.batch_size, seed=mix_seed(cfg.seed, 1))
 
 
 def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_progress: bool = True,

@@ -6,6 +6,7 @@ Every ``ray.init`` in the project goes through :func:`init_ray`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,15 @@ def _pin_to_loopback() -> None:
 
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def threads_for(resources: dict[str, float]) -> int:
+    """Torch threads for an actor holding `resources`: every core its CPU share touches (1.2 CPUs -> 2).
+
+    The phases of an RL iteration run one after another, so a learner whose logical share is a little
+    over one CPU uses both cores of a 2-core machine while the rollout actors (fractions) wait.
+    """
+    return max(1, math.ceil(resources.get("CPU", 1) - 1e-9))
 
 
 def worker_env_vars(num_cpus_per_worker: int = 1) -> dict[str, str]:

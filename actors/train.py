@@ -23,7 +23,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
-from actors.runtime import worker_env_vars
+from actors.runtime import threads_for, worker_env_vars
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +110,31 @@ def _engine_facts(engine) -> dict[str, Any]:
             "zero_stage": engine.zero_optimization_stage()}
 
 
-def _restore(engine) -> int:
-    """Load Ray Train's latest checkpoint into the engine; return the step to continue from."""
+def _restore(engine, ema=None) -> int:
+    """Load Ray Train's latest checkpoint into the engine (and the weight average); return the step to
+    continue from."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as directory:
         state = json.loads((Path(directory) / STATE_FILE).read_text())
-        load_path, _ = engine.load_checkpoint(directory, tag=state["tag"])
+        load_path, client_state = engine.load_checkpoint(directory, tag=state["tag"])
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint tag {state['tag']!r} in {checkpoint.path}")
+    if ema is not None:
+        if "ema" not in (client_state or {}):
+            raise RuntimeError(f"pretrain.ema_decay is set but checkpoint {checkpoint.path} holds no weight "
+                               f"average (it was written without one); resume with the same settings")
+        ema.load_state_dict(client_state["ema"])
     log.info("resumed from %s at step %d", checkpoint.path, state["step"])
     return int(state["step"])
 
 
-def _report_checkpoint(engine, step: int, metrics: dict) -> None:
+def _report_checkpoint(engine, step: int, metrics: dict, ema=None) -> None:
     """Every rank saves its DeepSpeed shards locally; Ray Train merges the ranks into one checkpoint."""
     tag = f"step{step:08d}"
     with tempfile.TemporaryDirectory(prefix="fluxir-ckpt-") as directory:
-        engine.save_checkpoint(directory, tag=tag)
+        engine.save_checkpoint(directory, tag=tag, client_state={"ema": ema.state_dict()} if ema else {})
         if ray.train.get_context().get_world_rank() == 0:
             (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "tag": tag}))
         ray.train.report(
@@ -138,10 +144,10 @@ def _report_checkpoint(engine, step: int, metrics: dict) -> None:
         )
 
 
-def _report(engine, step: int, metrics: dict, is_checkpoint: bool) -> None:
+def _report(engine, step: int, metrics: dict, is_checkpoint: bool, ema=None) -> None:
     """Metrics only on log steps; DeepSpeed checkpoint plus metrics on checkpoint steps."""
     if is_checkpoint:
-        _report_checkpoint(engine, step, metrics)
+        _report_checkpoint(engine, step, metrics, ema)
     else:
         ray.train.report(metrics)
 
@@ -177,7 +183,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     from fluxir.recipe import load_recipe
 
     _quiet_report_log()
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg["threads"])  # the worker's CPU share: one worker that owns the cores uses them all
     training_attention()
     started = time.perf_counter()
     context = ray.train.get_context()
@@ -186,7 +192,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
     engine = _build_engine(recipe, cfg["ds_config"])
     if hasattr(recipe, "place"):  # optional hook: the recipe's own modules (a VAE codec) beside the engine
         recipe.place(engine.device)
-    start = step = _restore(engine)
+    ema = _weight_average(engine, cfg["ema_decay"])
+    start = step = _restore(engine, ema)
     base = {"start_step": start, "engine_startup_s": time.perf_counter() - started, **_engine_facts(engine)}
     window_start, window_steps = time.perf_counter(), 0
     while step < cfg["steps"]:
@@ -195,18 +202,32 @@ def train_worker(cfg: dict[str, Any]) -> None:
         mean_loss = _global_loss(loss, step, logs)
         engine.backward(loss)
         engine.step()
+        if ema is not None:
+            ema.update()
         step, window_steps = step + 1, window_steps + 1
         is_checkpoint = step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]
         if is_checkpoint or step % cfg["log_every"] == 0:
             rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
             metrics = {**base, **logs, "loss": mean_loss, "step": step, "steps_per_s": rate}
-            _report(engine, step, metrics, is_checkpoint)
+            _report(engine, step, metrics, is_checkpoint, ema)
             window_start, window_steps = time.perf_counter(), 0
     if start >= cfg["steps"]:
         if start > cfg["steps"]:
             log.warning("checkpoint is at step %d, past steps=%d: saving it as is", start, cfg["steps"])
         ray.train.report({**base, "step": step})  # nothing left to train: keep the last checkpoint
-    _save_model(recipe, engine, rank, cfg["model_dir"])
+    _save_model(recipe, engine, rank, cfg["model_dir"], ema)
+
+
+def _weight_average(engine, decay: float):
+    """The moving average of the trainable weights (None when `decay` is 0). Under ZeRO-2 every rank holds
+    the full weights, so every rank keeps the same average; ZeRO-3 partitions them and is refused."""
+    if not decay:
+        return None
+    if engine.zero_optimization_stage() == 3:
+        raise ValueError("pretrain.ema_decay needs full weights on each rank: use ZeRO stage <= 2")
+    from fluxir.ema import WeightAverage
+
+    return WeightAverage(engine.module.named_parameters(), decay)
 
 
 def full_parameters(engine):
@@ -218,10 +239,17 @@ def full_parameters(engine):
     return contextlib.nullcontext()
 
 
-def _save_model(recipe, engine, rank: int, directory: str) -> None:
-    """Rank 0 hands the unwrapped module to the recipe (all ranks join the ZeRO-3 gather)."""
+def _save_model(recipe, engine, rank: int, directory: str, ema=None) -> None:
+    """Rank 0 hands the unwrapped module to the recipe (all ranks join the ZeRO-3 gather). With a weight
+    average, `directory` gets the average and `<directory>-raw` the last weights."""
     with full_parameters(engine):
-        if rank == 0:
+        if rank != 0:
+            return
+        if ema is None:
+            recipe.save_model(engine.module, directory)
+            return
+        recipe.save_model(engine.module, f"{directory}-raw")
+        with ema.swapped_in():
             recipe.save_model(engine.module, directory)
 
 
@@ -328,12 +356,15 @@ def run_training(
     resources_per_worker: dict[str, float] | None = None,
     progress: Callable[[dict], None] | None = None,
     max_failures: int = 0,
+    ema_decay: float = 0.0,
 ) -> dict:
     """Train ``recipe_path`` (``"module:Class"`` built with ``config``) for ``steps`` DeepSpeed steps.
 
     With ``resume`` a run already in ``run_dir/name`` continues from its latest checkpoint
     (Ray Train V2 restores it from the run's storage by itself). Returns the final metrics, the
-    latest checkpoint path, the directory ``save_model`` wrote to and the wall seconds.
+    latest checkpoint path, the directory ``save_model`` wrote to and the wall seconds. With ``ema_decay``
+    the workers keep a moving average of the trainable weights (checkpointed with the engine), saved as
+    the model; the last raw weights go to ``<model>-raw``.
     Needs Ray initialised (see ``actors.runtime.init_ray``).
     """
     if checkpoint_every < 1 or log_every < 1 or steps < 1:
@@ -351,10 +382,12 @@ def run_training(
         "checkpoint_every": checkpoint_every,
         "log_every": log_every,
         "model_dir": str(model_dir),
+        "ema_decay": ema_decay,
     }
     resources = dict(resources_per_worker or {"CPU": 1})
+    cfg["threads"] = threads_for(resources)
     use_gpu = resources.get("GPU", 0) > 0  # one GPU per rank: NCCL and DeepSpeed's CUDA accelerator
-    worker_vars = {**worker_env_vars(), "OMP_NUM_THREADS": str(max(1, int(resources.get("CPU", 1))))}
+    worker_vars = {**worker_env_vars(), "OMP_NUM_THREADS": str(cfg["threads"])}
     if not use_gpu:
         worker_vars["DS_ACCELERATOR"] = "cpu"
     pump = _ProgressPump(progress) if progress else None

@@ -40,10 +40,10 @@ def _load_trained(cfg: Config, policy_dir: Path):
     return policy, codec
 
 
-def _testset(cfg: Config) -> dict:
-    from fluxir.data import frozen_testset
+def _testset(cfg: Config, split: str = "test") -> dict:
+    from fluxir.data import evaluation_set
 
-    return frozen_testset(cfg)
+    return evaluation_set(cfg, split)
 
 
 def cmd_pretrain(args) -> int:
@@ -55,13 +55,14 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def _evaluate(cfg: Config, policy_dir: Path, nfes, keep_images: bool, schedules: dict | None = None):
+def _evaluate(cfg: Config, policy_dir: Path, nfes, keep_images: bool, schedules: dict | None = None,
+              split: str = "test"):
     from tqdm import tqdm
 
     from fluxir.evaluate import evaluate, lpips_or_reason
 
     policy, codec = _load_trained(cfg, policy_dir)
-    testset = _testset(cfg)
+    testset = _testset(cfg, split)
     lpips_net, reason = lpips_or_reason(cfg.eval.lpips)
     nfes = list(schedules) if schedules else (nfes or cfg.eval.nfe)
     with tqdm(total=len(testset) * len(nfes), desc="eval", unit="task·nfe", file=sys.stdout) as bar:
@@ -76,12 +77,18 @@ def cmd_eval(args) -> int:
 
     cfg = _config(args)
     policy_dir = _policy_dir(cfg, args.policy)
-    result, _ = _evaluate(cfg, policy_dir, args.nfe, keep_images=False)
-    command = _command(args, "eval")
-    print(eval_section(f"Evaluation of {policy_dir}", result, command))
+    result, _ = _evaluate(cfg, policy_dir, args.nfe, keep_images=False, split=args.split)
+    command = _command(args, "eval", *(["--nfe", *map(str, args.nfe)] if args.nfe else []),
+                       *(["--split", args.split] if args.split != "test" else []))
+    print(eval_section(f"Evaluation of {policy_dir} on the {SPLIT_NAMES[args.split]}", result, command))
     result.pop("images")
-    write_json(cfg.run_dir / "eval.json", result)
+    write_json(Path(args.out) if args.out else cfg.run_dir / ("eval.json" if args.split == "test" else f"eval-{args.split}.json"),
+               result)
     return 0
+
+
+SPLIT_NAMES = {"test": "frozen test set", "val": "validation crops of the training photos",
+               "heldout": "held-out photo (never trained or selected on)"}
 
 
 def _restore_target(args):
@@ -309,6 +316,25 @@ def _win_line(result: dict, nfe: int) -> str:
             + (f" (not on {', '.join(lost)})" if lost else ""))
 
 
+def _heldout_section(cfg: Config, policies: dict[str, Path], command: str) -> tuple[str, dict]:
+    """The policies on the held-out photo (no split trains or selects on it) at `eval.nfe`: PSNR per task
+    against the LQ input, and every (policy, task, NFE) where the output is worse than its input."""
+    from fluxir.report import comparison_table
+
+    evals = {name: _evaluate(cfg, folder, None, False, split="heldout")[0] for name, folder in policies.items()}
+    first = next(iter(evals.values()))
+    worse = [f"{name} {task} NFE {n} ({e['tasks'][task]['nfe'][n]['psnr'] - e['tasks'][task]['lq']['psnr']:+.2f} dB)"
+             for name, e in evals.items() for task in e["tasks"] for n in e["nfe"]
+             if e["tasks"][task]["nfe"][n]["psnr"] < e["tasks"][task]["lq"]["psnr"]]
+    parts = [f"## On the held-out photo ({SPLIT_NAMES['heldout']})",
+             f"{first['tasks'][next(iter(first['tasks']))]['count']} crops per task; reproduce one column with "
+             f"`{command.replace(' run ', ' eval ', 1)} --split heldout --policy <run>/<stage>/model`.",
+             "Worse than the input: " + ("; ".join(worse) if worse else "nowhere (every task, every NFE).")]
+    for n in first["nfe"]:
+        parts.append(f"### PSNR at NFE {n}\n\n" + comparison_table(evals, "psnr", n))
+    return "\n\n".join(parts), evals
+
+
 def cmd_run(args) -> int:
     """The whole pipeline: test set, stage 0 (pretraining), stage 1 (RL + controls), stage 2 (distillation), report."""
     from fluxir.report import eval_section, write_grids, write_json, write_report
@@ -330,7 +356,10 @@ def cmd_run(args) -> int:
     final = evals["rl"]
     print(f"[4/5] stage 2: distillation to {cfg.distill.budgets} steps from a {cfg.distill.teacher_nfe}-step teacher")
     distill_text, distilled = _stage2(cfg, command, known_teacher_eval=final)
-    print("[5/5] writing the report and the export")
+    print("[5/5] the held-out photo, the report and the export")
+    heldout_text, heldout = _heldout_section(cfg, {"base": Path(trained["model_dir"]), "rl": cfg.run_dir / "rl" / "model"},
+                                             command)
+    write_json(run_dir / "heldout.json", heldout)
     grids = write_grids(run_dir, testset, final, cfg.eval.grid_samples)
     students = {f"student_K{k}": e for k, e in distilled["students"].items()}
     _publish(cfg, "report", {"base": base, "rl": final, **students},
@@ -344,7 +373,8 @@ def cmd_run(args) -> int:
                "(`sr`'s LQ input is bicubic ×4 upsampling, so its column is the bicubic baseline.)"]
     images = "## Before / after (final policy)\n\n" + "\n\n".join(f"### {t}\n\n![{t}]({p})" for t, p in grids.items())
     report = write_report(run_dir, ["\n\n".join(summary), rl_text, distill_text,
-                                    eval_section("Stage-0 base on the frozen test set", base, command), images])
+                                    eval_section("Stage-0 base on the frozen test set", base, command), heldout_text,
+                                    images])
     final.pop("images")
     write_json(run_dir / "eval.json", final)
     print(report.read_text().split("## Before")[0])
@@ -422,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--policy", help="trained policy folder (default: <run>/pretrain/model)")
     p.add_argument("--nfe", type=int, nargs="+", help="step counts (default: eval.nfe)")
+    p.add_argument("--split", choices=list(SPLIT_NAMES), default="test",
+                   help="test: the frozen test set (report once); val: validation crops of the training photos "
+                        "(choose settings here); heldout: a photo no split uses")
+    p.add_argument("--out", help="JSON to write (default: <run>/eval.json, or eval-<split>.json)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("restore", help="restore one image with an exported model or a trained policy")

@@ -58,7 +58,10 @@ class ModelConfig(Strict):
     pooled_projection_dim: int = Field(64, ge=1)
     axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
     text_tokens: int = Field(4, ge=1)  # learned task tokens per task (tiny)
-    parametrization: Literal["velocity", "x0_residual"] = "x0_residual"
+    # The network's reading (fluxir.policy.RestorationPolicy): velocity; x0_residual (x0̂ = LQ + F); or
+    # x0_precond, EDM-style x0̂ = LQ + c_skip(t)·(x_t − E[x_t|LQ]) + c_out(t)·F, equal to x0_residual at t = 1.
+    parametrization: Literal["velocity", "x0_residual", "x0_precond"] = "x0_residual"
+    sigma_data: float = Field(0.2, gt=0)  # x0_precond: typical per-pixel spread of GT − LQ in [-1, 1] units
     conditioning: Literal["task", "blind"] = "task"
     prompt_cache: str | None = None  # safetensors of cached prompt embeddings (flux-dev; `fluxir embed-prompts`)
     # The fixed instruction per task that `fluxir embed-prompts` encodes (T5 + CLIP); `blind` encodes BLIND_PROMPT.
@@ -113,6 +116,17 @@ class DataConfig(Strict):
     tasks: list[str] = list(TASKS)
     folder: str | None = None  # optional folder of clean training images (default: bundled photos)
     train_scale: float = Field(0.5, gt=0, le=1)
+    # Per-crop rescaling (lo, hi) of the train_scale images: a crop covers crop/s source pixels, resized
+    # (antialiased) to the crop, for s uniform in [lo, hi]. None: crops at train_scale.
+    rescale: tuple[float, float] | None = None
+    # Texture-weighted crops: keep one of this many uniform draws with probability ∝ its mean gradient
+    # magnitude + texture_floor × the image's mean (1: uniform crops).
+    texture_candidates: int = Field(1, ge=1)
+    texture_floor: float = Field(0.2, ge=0)
+    # Relative sampling weight per task (unnamed tasks 1); None: uniform. Mild tasks (sr, deblur) learn
+    # slowest under a per-sample log-MSE, so a larger share of the batches can go to them.
+    task_weights: dict[str, float] | None = None
+    val_crops_per_image: int = Field(2, ge=1)  # validation crops per training image (`fluxir eval --split val`)
     crop: int = Field(32, ge=8)
     batch_size: int = Field(16, ge=1)
     test_crop: int = Field(64, ge=8)
@@ -127,6 +141,22 @@ class DataConfig(Strict):
         if unknown or not tasks:
             raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
         return tasks
+
+    @model_validator(mode="after")
+    def _weights_name_tasks(self) -> "DataConfig":
+        w = self.task_weights or {}
+        unknown = sorted(set(w) - set(self.tasks))
+        if unknown or any(v < 0 for v in w.values()) or (w and sum(w.get(t, 1.0) for t in self.tasks) <= 0):
+            raise ValueError(f"task_weights {w} must give non-negative weights to tasks in data.tasks "
+                             f"(unknown: {unknown}), not all 0")
+        return self
+
+    @field_validator("rescale")
+    @classmethod
+    def _rescale_range(cls, v):
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError(f"rescale {list(v)} must be [lo, hi] with 0 < lo <= hi")
+        return v
 
     @field_validator("crop", "test_crop")
     @classmethod
@@ -147,6 +177,9 @@ class PretrainConfig(Strict):
     worker_resources: dict[str, float] = {"CPU": 1}  # per Ray Train rank; {"CPU": 8, "GPU": 1} on a GPU node
     loss: Literal["mse", "log_mse"] = "log_mse"
     t_start_fraction: float = Field(0.5, ge=0, le=1)  # share of samples at t = t_start (the 1-NFE state)
+    # Exponential moving average of the trainable weights (0: off); the saved model is the average,
+    # the last raw weights go to <run>/pretrain/model-raw.
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(50, ge=1)

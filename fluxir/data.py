@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".npy")
 TESTSET_FORMAT = 1
-TRAIN_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle", "hubble_deep_field")
+# Training: every colour photograph scikit-image ships (its right motorcycle view, a near-duplicate of the
+# left, is left out; retina, hubble_deep_field and immunohistochemistry are not photographs) and two
+# greyscale photographs for more natural texture. Test: scikit-learn's two photos. Held out: matplotlib's
+# Grace Hopper portrait, a third source no split trains or selects on ("never worse than the input").
+TRAIN_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "camera", "grass")
 TEST_IMAGES = ("china", "flower")
+HELDOUT_IMAGES = ("grace_hopper",)
 
 
 # ---------------------------------------------------------------- bundled images
@@ -34,16 +39,22 @@ TEST_IMAGES = ("china", "flower")
 
 @lru_cache(maxsize=None)
 def _bundled_array(name: str) -> np.ndarray:
-    """uint8 `(H, W, 3)` photo from scikit-image (train) or scikit-learn (test), loaded offline."""
+    """uint8 `(H, W, 3)` photo from scikit-image (train), scikit-learn (test) or matplotlib (held out)."""
     if name in TEST_IMAGES:
         from sklearn.datasets import load_sample_image
 
         return load_sample_image(f"{name}.jpg")
+    if name in HELDOUT_IMAGES:
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data(f"{name}.jpg") as f:
+            return np.asarray(Image.open(f).convert("RGB"))
     import skimage.data
 
     if name == "motorcycle":
         return skimage.data.stereo_motorcycle()[0]  # the left view
-    return getattr(skimage.data, name)()
+    array = getattr(skimage.data, name)()
+    return np.repeat(array[..., None], 3, axis=-1) if array.ndim == 2 else array
 
 
 def _to_tensor(array: np.ndarray) -> Tensor:
@@ -56,29 +67,36 @@ def resize(image: Tensor, scale: float) -> Tensor:
     if scale == 1.0:
         return image
     h, w = image.shape[-2:]
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return resize_to(image, (max(1, round(h * scale)), max(1, round(w * scale))))
+
+
+def resize_to(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Antialiased bicubic resize of `(3, H, W)` in [0, 1] to `size` (h, w), clamped to [0, 1]."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
     return F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+
+
+SPLITS = {"train": TRAIN_IMAGES, "test": TEST_IMAGES, "heldout": HELDOUT_IMAGES}
 
 
 @lru_cache(maxsize=1)
 def _check_splits_disjoint() -> None:
-    """Assert no bundled image is in both splits (or twice in train), by pixel hash."""
-    train = {hashlib.sha1(_bundled_array(n).tobytes()).hexdigest() for n in TRAIN_IMAGES}
-    test = {hashlib.sha1(_bundled_array(n).tobytes()).hexdigest() for n in TEST_IMAGES}
-    assert len(train) == len(TRAIN_IMAGES) and not train & test, "bundled train/test images overlap"
+    """Assert no bundled image is in two splits (or twice in one), by pixel hash."""
+    hashes = [hashlib.sha1(_bundled_array(n).tobytes()).hexdigest() for names in SPLITS.values() for n in names]
+    assert len(set(hashes)) == len(hashes), "bundled train/test/held-out images overlap"
 
 
 def bundled_images(split: str, scale: float = 1.0) -> list[tuple[str, Tensor]]:
     """Clean RGB photos `(name, (3, H, W) float32 in [0, 1])` shipped with the installed packages.
 
-    "train": scikit-image photos; "test": scikit-learn's china and flower. The splits never share an
-    image (checked by pixel hash). `scale` resizes (antialiased), e.g. to match the test texture scale.
+    "train": scikit-image photos; "test": scikit-learn's china and flower; "heldout": matplotlib's
+    grace_hopper. The splits never share an image (checked by pixel hash). `scale` resizes (antialiased).
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
     _check_splits_disjoint()
-    names = TRAIN_IMAGES if split == "train" else TEST_IMAGES
-    return [(n, resize(_to_tensor(_bundled_array(n)), scale)) for n in names]
+    return [(n, resize(_to_tensor(_bundled_array(n)), scale)) for n in SPLITS[split]]
 
 
 # ---------------------------------------------------------------- loading files
@@ -277,43 +295,110 @@ def dihedral(image: Tensor, k: int) -> Tensor:
     return out.flip(-1) if k >= 4 else out
 
 
+def gradient_magnitude(image: Tensor) -> Tensor:
+    """`(H, W)` luminance gradient magnitude of `(3, H, W)` (forward differences; last row/column 0)."""
+    lum = image.mean(dim=0)
+    grad = torch.zeros_like(lum)
+    gx, gy = lum[:-1, 1:] - lum[:-1, :-1], lum[1:, :-1] - lum[:-1, :-1]
+    grad[:-1, :-1] = torch.sqrt(gx**2 + gy**2)
+    return grad
+
+
+class TextureMap:
+    """Mean gradient magnitude of any window of one image in O(1), from a summed-area table."""
+
+    def __init__(self, image: Tensor) -> None:
+        grad = gradient_magnitude(image).double()
+        self.mean = float(grad.mean())
+        self.table = F.pad(grad.cumsum(0).cumsum(1), (1, 0, 1, 0))
+
+    def window_mean(self, top: Tensor, left: Tensor, size: int) -> Tensor:
+        t, b, l, r = top, top + size, left, left + size
+        total = self.table[b, r] - self.table[t, r] - self.table[b, l] + self.table[t, l]
+        return (total / size**2).float()
+
+
 class TrainStream:
     """Seeded, resumable stream of degraded training crops.
 
     `batch(step, rank, world_size)` is a pure function of (seed, step, rank, world_size): sample j of
-    rank r at step s is global sample (s·world_size + r)·batch_size + j, whose image, crop, flip/rotation,
-    task and degradation seed come from a generator seeded by (seed, global index). Resuming at a step
-    reproduces the stream; ranks get disjoint samples.
+    rank r at step s is global sample (s·world_size + r)·batch_size + j, whose image, scale, crop,
+    flip/rotation, task and degradation seed come from a generator seeded by (seed, global index).
+    Resuming at a step reproduces the stream; ranks get disjoint samples.
+
+    Crops favour texture: of `texture_candidates` uniformly drawn windows one is kept with probability
+    ∝ its mean gradient magnitude + `texture_floor` × the image's mean (flat areas still appear, less
+    often); sr and deblur are the identity on flat crops. With `rescale` = (lo, hi) the window covers
+    crop/s source pixels for s uniform in [lo, hi] and is resized (antialiased) to the crop. Tasks are
+    drawn uniformly, or in proportion to `task_weights` (one per task).
     """
 
     def __init__(self, images: Sequence[tuple[str, Tensor]], tasks: Sequence[str], crop: int,
-                 batch_size: int, seed: int) -> None:
+                 batch_size: int, seed: int, rescale: tuple[float, float] | None = None,
+                 texture_candidates: int = 1, texture_floor: float = 0.2,
+                 task_weights: Sequence[float] | None = None) -> None:
         if crop <= 0 or crop % 4:
             raise ValueError(f"crop must be a positive multiple of 4 (sr downsamples ×4), got {crop}")
         if not tasks:
             raise ValueError("tasks must name at least one task")
+        if texture_candidates < 1 or texture_floor < 0:
+            raise ValueError(f"texture_candidates must be >= 1 and texture_floor >= 0, got "
+                             f"{texture_candidates}, {texture_floor}")
+        if task_weights is not None and (len(task_weights) != len(tasks) or min(task_weights) < 0
+                                         or sum(task_weights) <= 0):
+            raise ValueError(f"task_weights {list(task_weights)} must be one non-negative weight per task "
+                             f"{list(tasks)}, not all 0")
+        if rescale is not None and not 0 < rescale[0] <= rescale[1]:
+            raise ValueError(f"rescale must be (lo, hi) with 0 < lo <= hi, got {rescale}")
         for t in tasks:
             task_id(t)
-        small = [n for n, im in images if min(im.shape[-2:]) < crop]
+        largest = self.window(crop, rescale[0]) if rescale else crop
+        small = [n for n, im in images if min(im.shape[-2:]) < largest]
         for n in small:
-            log.warning("training image %s is smaller than crop %d; not used", n, crop)
-        self.images = [(n, im) for n, im in images if min(im.shape[-2:]) >= crop]
+            log.warning("training image %s is smaller than the largest window %d; not used", n, largest)
+        self.images = [(n, im) for n, im in images if min(im.shape[-2:]) >= largest]
         if not self.images:
-            raise ValueError(f"no training image is at least {crop}x{crop}")
+            raise ValueError(f"no training image is at least {largest}x{largest}")
         self.tasks = tuple(tasks)
         self.crop, self.batch_size, self.seed = crop, batch_size, seed
+        self.rescale, self.candidates, self.floor = rescale, texture_candidates, texture_floor
+        self.textures = [TextureMap(im) for _, im in self.images] if texture_candidates > 1 else None
+        self.task_weights = torch.tensor(task_weights, dtype=torch.float64) if task_weights is not None else None
+
+    @staticmethod
+    def window(crop: int, scale: float) -> int:
+        """Source pixels a crop covers at `scale` (crop/scale, rounded)."""
+        return max(1, round(crop / scale))
+
+    def _corner(self, index: int, size: int, g: torch.Generator) -> tuple[int, int]:
+        """(top, left) of a `size` window of image `index`: one uniform draw, or texture-weighted among several."""
+        h, w = self.images[index][1].shape[-2:]
+        tops = torch.randint(h - size + 1, (self.candidates,), generator=g)
+        lefts = torch.randint(w - size + 1, (self.candidates,), generator=g)
+        if self.candidates == 1:
+            return int(tops[0]), int(lefts[0])
+        texture = self.textures[index]
+        weights = texture.window_mean(tops, lefts, size) + self.floor * texture.mean + 1e-12
+        pick = int(torch.multinomial(weights, 1, generator=g))
+        return int(tops[pick]), int(lefts[pick])
 
     def sample(self, index: int) -> tuple[Tensor, int, int]:
         """Global sample `index` -> (GT crop `(3, crop, crop)`, task id, degradation seed)."""
         g = torch.Generator().manual_seed(mix_seed(self.seed, index))
-        _, image = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
-        h, w = image.shape[-2:]
-        top = int(torch.randint(h - self.crop + 1, (1,), generator=g))
-        left = int(torch.randint(w - self.crop + 1, (1,), generator=g))
+        which = int(torch.randint(len(self.images), (1,), generator=g))
+        size = self.crop
+        if self.rescale:
+            lo, hi = self.rescale
+            size = self.window(self.crop, lo + (hi - lo) * float(torch.rand(1, generator=g)))
+        top, left = self._corner(which, size, g)
         k = int(torch.randint(8, (1,), generator=g))
-        task = self.tasks[int(torch.randint(len(self.tasks), (1,), generator=g))]
+        if self.task_weights is None:
+            task = self.tasks[int(torch.randint(len(self.tasks), (1,), generator=g))]
+        else:
+            task = self.tasks[int(torch.multinomial(self.task_weights, 1, generator=g))]
         deg_seed = int(torch.randint(2**62, (1,), generator=g))
-        gt = dihedral(image[:, top : top + self.crop, left : left + self.crop], k)
+        window = self.images[which][1][:, top : top + size, left : left + size]
+        gt = dihedral(resize_to(window, (self.crop, self.crop)), k)
         return gt, task_id(task), deg_seed
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
@@ -345,11 +430,7 @@ def textured_crops(image: Tensor, size: int, count: int, stride: int | None = No
     if min(h, w) < size:
         raise ValueError(f"image {h}x{w} is smaller than the crop size {size}")
     stride = stride or max(1, size // 4)
-    lum = image.mean(dim=0)
-    grad = torch.zeros_like(lum)
-    gx, gy = lum[:-1, 1:] - lum[:-1, :-1], lum[1:, :-1] - lum[:-1, :-1]
-    grad[:-1, :-1] = torch.sqrt(gx**2 + gy**2)
-    score = F.avg_pool2d(grad[None, None], size, stride=stride)[0, 0]  # (rows, cols)
+    score = F.avg_pool2d(gradient_magnitude(image)[None, None], size, stride=stride)[0, 0]  # (rows, cols)
     order = torch.argsort(score.flatten(), descending=True, stable=True).tolist()
     chosen: list[tuple[int, int]] = []
     for flat in order:
@@ -376,27 +457,88 @@ def quantise(image: Tensor) -> Tensor:
     return (image.clamp(0, 1) * 255).round() / 255
 
 
-def _build_testset(folder: Path, spec: dict) -> dict:
-    """Write all PNG pairs of `spec` into `folder`; return the manifest."""
-    pairs = []
-    crop = spec["crop"]
+def crop_pairs(images: Sequence[tuple[str, Tensor]], tasks: Sequence[str], crop: int, crops_per_image: int,
+               seed: int) -> dict:
+    """The most textured `crop`² windows of each image (8-bit GT) and each task's degraded LQ.
+
+    Returns dict(names, sources, boxes, gt (N, 3, crop, crop), tasks={task: dict(lq, seeds)}); the
+    degradation seed of pair i of task t is mix_seed(seed, task id, i).
+    """
     gts, names, sources, boxes = [], [], [], []
-    for source, image in bundled_images("test", spec["scale"]):
-        for k, (top, left) in enumerate(textured_crops(image, crop, spec["crops_per_image"])):
+    for source, image in images:
+        for k, (top, left) in enumerate(textured_crops(image, crop, crops_per_image)):
             gts.append(quantise(image[:, top : top + crop, left : left + crop]))
             names.append(f"{source}_{k}.png")
             sources.append(source)
             boxes.append([top, left, crop, crop])
     gt = torch.stack(gts).contiguous()
-    for t in spec["tasks"]:
-        seeds = torch.tensor([mix_seed(spec["seed"], task_id(t), i) for i in range(len(names))], dtype=torch.int64)
-        lq = degrade(t, gt, seeds)
-        for i, name in enumerate(names):
-            save_image(gt[i], folder / t / "GT" / name)
-            save_image(lq[i], folder / t / "LQ" / name)
-            pairs.append({"task": t, "name": name, "source": sources[i], "box": boxes[i],
-                          "seed": int(seeds[i]), "lq": f"{t}/LQ/{name}", "gt": f"{t}/GT/{name}"})
+    per_task = {}
+    for t in tasks:
+        seeds = torch.tensor([mix_seed(seed, task_id(t), i) for i in range(len(names))], dtype=torch.int64)
+        per_task[t] = {"lq": degrade(t, gt, seeds), "seeds": seeds}
+    return {"names": names, "sources": sources, "boxes": boxes, "gt": gt, "tasks": per_task}
+
+
+def _build_testset(folder: Path, spec: dict) -> dict:
+    """Write all PNG pairs of `spec` into `folder`; return the manifest."""
+    crops = crop_pairs(bundled_images("test", spec["scale"]), spec["tasks"], spec["crop"], spec["crops_per_image"],
+                       spec["seed"])
+    pairs = []
+    for t, d in crops["tasks"].items():
+        for i, name in enumerate(crops["names"]):
+            save_image(crops["gt"][i], folder / t / "GT" / name)
+            save_image(d["lq"][i], folder / t / "LQ" / name)
+            pairs.append({"task": t, "name": name, "source": crops["sources"][i], "box": crops["boxes"][i],
+                          "seed": int(d["seeds"][i]), "lq": f"{t}/LQ/{name}", "gt": f"{t}/GT/{name}"})
     return {"format_version": TESTSET_FORMAT, "spec": spec, "pairs": pairs}
+
+
+# Seeds of the in-memory evaluation sets (the frozen test set's is 1234).
+EVAL_SET_SEEDS = {"val": 4321, "heldout": 2468}
+
+
+def in_memory_set(cfg, split: str) -> dict[str, dict]:
+    """An evaluation set in `load_testset`'s format, built in memory (8-bit, as the PNG test set is).
+
+    "val": `data.val_crops_per_image` textured crops of each training image at the test scale, with
+    their own degradation seeds — where settings are chosen. "heldout": crops of a photo that no split
+    trains or selects on (matplotlib's Grace Hopper), reported beside the frozen test set.
+    """
+    d = cfg.data
+    per_image = d.val_crops_per_image if split == "val" else d.test_crops_per_image
+    images = (training_images(cfg, scale=d.test_scale) if split == "val"
+              else bundled_images(split, scale=d.test_scale))
+    crops = crop_pairs(images, d.tasks, d.test_crop, per_image, EVAL_SET_SEEDS[split])
+    return {t: {"lq": quantise(v["lq"]), "gt": crops["gt"], "names": crops["names"], "seeds": v["seeds"]}
+            for t, v in crops["tasks"].items()}
+
+
+def training_images(cfg, scale: float | None = None) -> list[tuple[str, Tensor]]:
+    """The clean images stage 0 trains on: `data.folder`, else the bundled training photos (at `scale`,
+    default `data.train_scale`)."""
+    scale = cfg.data.train_scale if scale is None else scale
+    if cfg.data.folder:
+        return [(n, resize(im, scale)) for n, im in ImageFolderSource(cfg.data.folder, min_size=cfg.data.crop).images]
+    return bundled_images("train", scale=scale)
+
+
+def train_stream(cfg, batch_size: int | None = None, seed: int | None = None) -> TrainStream:
+    """The training stream a `Config` describes (images, tasks, crop, texture weighting, rescaling); stage 0
+    uses it as is, stages 1 and 2 with their own batch size and seed."""
+    d = cfg.data
+    return TrainStream(training_images(cfg), d.tasks, d.crop, d.batch_size if batch_size is None else batch_size,
+                       cfg.seed if seed is None else seed, rescale=tuple(d.rescale) if d.rescale else None,
+                       texture_candidates=d.texture_candidates, texture_floor=d.texture_floor,
+                       task_weights=[d.task_weights.get(t, 1.0) for t in d.tasks] if d.task_weights else None)
+
+
+def evaluation_set(cfg, split: str) -> dict[str, dict]:
+    """The set `fluxir eval --split` scores: "test" (the frozen, materialised test set), "val" or "heldout"."""
+    if split == "test":
+        return frozen_testset(cfg)
+    if split in EVAL_SET_SEEDS:
+        return in_memory_set(cfg, split)
+    raise ValueError(f"unknown evaluation split {split!r}; known: test, val, heldout")
 
 
 def _read_manifest(folder: Path) -> dict | None:

@@ -24,7 +24,7 @@ from torch import nn
 from fluxir import flow
 from fluxir.codec import image_ids, pack, unpack
 from fluxir.config import Config
-from fluxir.data import TrainStream, mix_seed
+from fluxir.data import mix_seed, train_stream
 from fluxir.objectives import per_sample_regression
 from fluxir.sampling import initial_state, sample_trajectory
 
@@ -60,11 +60,7 @@ class TeacherSet:
 
 def calibration_inputs(cfg: Config, count: int, salt: int) -> dict[str, torch.Tensor]:
     """`count` degraded training crops from the stage-0 stream under a seed of their own (`salt`)."""
-    from fluxir.pretrain import training_images
-
-    d = cfg.data
-    stream = TrainStream(training_images(cfg), d.tasks, d.crop, count, mix_seed(cfg.seed, salt))
-    return stream.batch(0)
+    return train_stream(cfg, batch_size=count, seed=mix_seed(cfg.seed, salt)).batch(0)
 
 
 @torch.no_grad()

@@ -125,7 +125,7 @@ def _write_adapter(policy, lora_cfg, out: Path) -> None:
 
 def sampler_settings(cfg, codec) -> dict:
     return {"parametrization": cfg.model.parametrization, "source": cfg.flow.source,
-            "sigma_src": cfg.flow.sigma_src, "t_start": cfg.flow.t_start, "codec": cfg.codec.kind,
+            "sigma_src": cfg.flow.sigma_src, "sigma_data": cfg.model.sigma_data, "t_start": cfg.flow.t_start, "codec": cfg.codec.kind,
             "downsample": codec.downsample, "tile": cfg.eval.tile or cfg.data.crop, "overlap": cfg.eval.overlap,
             "seed": cfg.seed, "guidance": getattr(cfg.model, "guidance", None) or 1.0}
 
@@ -243,7 +243,7 @@ def load_export(root: str | Path):
 
     from fluxir.codec import PixelCodec, VaeCodec
     from fluxir.config import Config
-    from fluxir.policy import RestorationPolicy
+    from fluxir.policy import RestorationPolicy, precond_of
 
     root = Path(root)
     manifest = verify_export(root)
@@ -253,7 +253,7 @@ def load_export(root: str | Path):
     cond = load_file(str(root / "conditioning.safetensors"))
     policy = RestorationPolicy(transformer, transformer.config.out_channels, s["parametrization"],
                                cond["prompt_embeds"], cond["pooled_prompt_embeds"], learn_conditioning=False,
-                               guidance=s["guidance"]).eval()
+                               guidance=s["guidance"], precond=precond_of(cfg)).eval()
     codec = VaeCodec.from_pretrained(root / "vae") if s["codec"] == "vae" else PixelCodec()
     schedules = {int(k): v for k, v in json.loads((root / "schedules.json").read_text()).items()}
     return policy, codec, cfg, manifest, schedules

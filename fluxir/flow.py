@@ -40,6 +40,19 @@ def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
     return (x_t - x0) / _bcast(t, x_t)
 
 
+def precondition(t, sigma_src: float, sigma_data: float):
+    """EDM-style coefficients (c_skip, c_out) of the x0_precond reading x0̂ = LQ + c_skip·y + c_out·F.
+
+    y = x_t − E[x_t | LQ] = (1−t)·(x0 − LQ) + t·σ_src·ε, with x0 − LQ of per-pixel spread σ_data:
+    c_skip = (1−t)·σ_data² / D is the least-squares estimate of x0 − LQ from y, and c_out = t·σ_src / √D
+    (D = (1−t)²σ_data² + t²σ_src²) scales F to that estimate's error, normalised so that c_out(1) = 1 and
+    c_skip(1) = 0: at t = 1 the reading is the plain x0 residual; at t = 0 it returns x_t.
+    """
+    t = torch.as_tensor(t)
+    d = ((1 - t) * sigma_data) ** 2 + (t * sigma_src) ** 2
+    return (1 - t) * sigma_data**2 / d, t * sigma_src / d.sqrt()
+
+
 def ode_step(x_t: torch.Tensor, velocity: torch.Tensor, t, s) -> torch.Tensor:
     """Euler step from t to s < t: x_s = x_t + (s − t)·v."""
     return x_t + (_bcast(s, x_t) - _bcast(t, x_t)) * velocity

@@ -34,8 +34,8 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torc
 
 def flow_matching_per_sample(pred: Prediction, x0: torch.Tensor, x1: torch.Tensor, parametrization: str,
                              kind: str) -> torch.Tensor:
-    """Regress the network's reading: x0̂ → x0 (x0 residual) or v → x1 − x0 (velocity). (B,)"""
-    if parametrization == "x0_residual":
+    """Regress the network's reading: x0̂ → x0 (x0 readings) or v → x1 − x0 (velocity). (B,)"""
+    if parametrization != "velocity":
         return per_sample_regression(pred.x0_hat, x0, kind)
     return per_sample_regression(pred.velocity, x1 - x0, kind)
 

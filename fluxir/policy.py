@@ -62,14 +62,21 @@ class RestorationPolicy(nn.Module):
     """v_θ(x_t, LQ, t, task) on packed tokens.
 
     forward(x_t (B, N, C), lq (B, N, C), t (B,), task (B,) int64, img_ids (N, 3)) -> Prediction.
+
+    The transformer's output F is read as a velocity, an x0 residual (x0̂ = LQ + F) or, with
+    `precond` = (source, σ_src, σ_data), the preconditioned residual of `flow.precondition`.
     """
 
     def __init__(self, transformer, token_channels: int, parametrization: str, task_tokens: torch.Tensor,
-                 task_pooled: torch.Tensor, learn_conditioning: bool, guidance: float | None = None):
+                 task_pooled: torch.Tensor, learn_conditioning: bool, guidance: float | None = None,
+                 precond: tuple[str, float, float] | None = None):
         super().__init__()
+        if (parametrization == "x0_precond") != (precond is not None):
+            raise ValueError("the x0_precond reading needs precond=(source, sigma_src, sigma_data), and only it")
         self.transformer = transformer
         self.token_channels = token_channels
         self.parametrization = parametrization
+        self.precond = precond
         self.guidance = guidance
         if learn_conditioning:
             self.task_tokens = nn.Parameter(task_tokens)
@@ -105,7 +112,14 @@ class RestorationPolicy(nn.Module):
                                return_dict=False)[0].to(x_t.dtype)
         if self.parametrization == "velocity":
             return Prediction(out, flow.x0_hat(x_t, out, t))
-        x0 = lq + out
+        if self.parametrization == "x0_precond":
+            source, sigma_src, sigma_data = self.precond
+            tb = t.view(-1, *([1] * (x_t.dim() - 1)))
+            mean = lq if source == "lq" else (1 - tb) * lq  # E[x_t | LQ], taking E[x0 | LQ] = LQ
+            c_skip, c_out = flow.precondition(tb, sigma_src, sigma_data)
+            x0 = lq + c_skip * (x_t - mean) + c_out * out
+        else:
+            x0 = lq + out
         return Prediction(flow.velocity_from_x0(x_t, x0, t.clamp_min(1e-4)), x0)
 
     # --- the tensors that training changes and weight sync ships ------------------------------
@@ -162,11 +176,21 @@ def build_policy(cfg, token_channels: int) -> RestorationPolicy:
         else:
             transformer = _pretrained_transformer(Path(m.path), token_channels, m.dtype)
 
-        policy = assemble_policy(transformer, m, token_channels, _task_conditioning(cfg, num_conditions))
+        policy = assemble_policy(transformer, m, token_channels, _task_conditioning(cfg, num_conditions),
+                                 precond=precond_of(cfg))
     log.info("policy: %s, %.2f M params (%.2f M trainable)", m.preset,
              sum(p.numel() for p in policy.parameters()) / 1e6,
              sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6)
     return policy
+
+
+def precond_of(cfg) -> tuple[str, float, float] | None:
+    """(source, σ_src, σ_data) of the x0_precond reading, None for the other readings."""
+    if cfg.model.parametrization != "x0_precond":
+        return None
+    from fluxir.sampling import source_sigma
+
+    return cfg.flow.source, source_sigma(cfg.flow), cfg.model.sigma_data
 
 
 def _task_conditioning(cfg, num_conditions: int):
@@ -186,14 +210,14 @@ def _task_conditioning(cfg, num_conditions: int):
     return draw
 
 
-def assemble_policy(transformer, m, token_channels: int, conditioning) -> RestorationPolicy:
+def assemble_policy(transformer, m, token_channels: int, conditioning, precond=None) -> RestorationPolicy:
     """A loaded transformer -> the policy: widened LQ input, output init, task conditioning, LoRA, checkpointing.
 
     `m` is the model config; `conditioning(transformer)` returns (tokens, pooled, learnable). The order of
     the random draws (widening, conditioning, LoRA) is part of the seeded init.
     """
     widen_input(transformer, token_channels)
-    if m.parametrization == "x0_residual":
+    if m.parametrization != "velocity":
         zero_output(transformer)
     tokens, pooled, learn_conditioning = conditioning(transformer)
     if m.lora.enabled:
@@ -203,7 +227,7 @@ def assemble_policy(transformer, m, token_channels: int, conditioning) -> Restor
     if m.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return RestorationPolicy(transformer, token_channels, m.parametrization, tokens, pooled, learn_conditioning,
-                             guidance=m.guidance)
+                             guidance=m.guidance, precond=precond)
 
 
 def save_policy(policy: RestorationPolicy, directory: str | Path, cfg=None, extra: dict | None = None) -> Path:

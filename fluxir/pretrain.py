@@ -9,16 +9,10 @@ import torch
 from fluxir import flow
 from fluxir.codec import build_codec, image_ids, pack
 from fluxir.config import Config, config_from_dict
-from fluxir.data import ImageFolderSource, TrainStream, bundled_images, mix_seed
+from fluxir.data import mix_seed, train_stream
 from fluxir.objectives import flow_matching_loss, per_sample_mse, psnr_from_mse, sample_times
 from fluxir.policy import build_policy, save_policy
 from fluxir.sampling import source_mean, source_sigma
-
-
-def training_images(cfg: Config) -> list[tuple[str, torch.Tensor]]:
-    if cfg.data.folder:
-        return ImageFolderSource(cfg.data.folder, min_size=cfg.data.crop).images
-    return bundled_images("train", scale=cfg.data.train_scale)
 
 
 def token_channels(codec) -> int:
@@ -44,8 +38,8 @@ class FlowMatchingRecipe:
     def __init__(self, config: dict | Config):
         self.cfg = config if isinstance(config, Config) else config_from_dict(config)
         self.codec = build_codec(self.cfg)
-        d = self.cfg.data  # data.batch_size here is per rank (actors/pretrain.py splits the global one)
-        self.stream = TrainStream(training_images(self.cfg), d.tasks, d.crop, d.batch_size, self.cfg.seed)
+        # data.batch_size here is per rank (actors/pretrain.py splits the global one)
+        self.stream = train_stream(self.cfg)
 
     def build_model(self):
         return build_policy(self.cfg, token_channels(self.codec))

@@ -11,7 +11,8 @@ What it does, from `manifest.json` ("sampler") and `schedules.json` ({budget: ti
   * start: x = (1 − t0)·μ + t0·(μ + σ·ε), μ = the LQ tokens ("lq" source) or 0 ("gaussian"), ε ~ N(0, I)
     from torch.Generator().manual_seed(seed);
   * each step t -> s of the schedule: the transformer sees [x, LQ] concatenated on channels and the task's
-    conditioning (conditioning.safetensors); x0̂ = LQ + out ("x0_residual") or x − t·out ("velocity");
+    conditioning (conditioning.safetensors); x0̂ = LQ + out ("x0_residual"), its preconditioned form
+    ("x0_precond", c_skip/c_out as fluxir.flow.precondition) or x − t·out ("velocity");
     v = (x − x0̂)/t; x <- x0̂ if s = 0 else x + (s − t)·v;
   * images larger than the tile are restored in overlapping tiles blended with linear ramps.
 """
@@ -105,6 +106,11 @@ def sample(model, lq_images, task: int, schedule: list[float], seed: int):
             v = out
         else:
             x0 = lq + out
+            if s["parametrization"] == "x0_precond":  # EDM-style: + c_skip·(x − E[x | LQ]), F scaled by c_out
+                sigma, sd = (s["sigma_src"] if s["source"] == "lq" else 1.0), s["sigma_data"]
+                d = ((1 - t) * sd) ** 2 + (t * sigma) ** 2
+                mean = lq if s["source"] == "lq" else (1 - t) * lq
+                x0 = lq + (1 - t) * sd**2 / d * (x - mean) + t * sigma / d**0.5 * out
             v = (x - x0) / max(t, 1e-4)
         x = x0 if s_next == 0.0 else x + (s_next - t) * v
     return decode(unpack(x, h, w), vae)

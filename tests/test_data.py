@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from fluxir.data import (
-    BadImageError, ImageFolderSource, PairedFolderSource, TrainStream, bundled_images, load_image,
-    load_testset, materialise_testset, save_image, textured_crops,
+    BadImageError, ImageFolderSource, PairedFolderSource, TextureMap, TrainStream, bundled_images,
+    evaluation_set, gradient_magnitude, in_memory_set, load_image, load_testset, materialise_testset, mix_seed,
+    save_image, textured_crops,
 )
 from fluxir.degradations import TASKS, degrade
 
@@ -32,10 +33,13 @@ def _rgb(h=32, w=32, seed=0):
 
 
 def test_bundled_splits_disjoint_rgb_unit_range():
-    train, test = bundled_images("train"), bundled_images("test")
+    train, test, heldout = bundled_images("train"), bundled_images("test"), bundled_images("heldout")
     assert len(train) >= 5 and [n for n, _ in test] == ["china", "flower"]
-    assert not {n for n, _ in train} & {n for n, _ in test}
-    for _, img in train + test:
+    assert [n for n, _ in heldout] == ["grace_hopper"]
+    names = [n for n, _ in train + test + heldout]
+    assert len(set(names)) == len(names)
+    assert not {"immunohistochemistry", "hubble_deep_field"} & set(names)  # photographs only
+    for _, img in train + test + heldout:
         assert img.dtype == torch.float32 and img.ndim == 3 and img.shape[0] == 3
         assert float(img.min()) >= 0 and float(img.max()) <= 1 and float(img.std()) > 0.05
     test_sums = {round(float(img.sum()), 2) for _, img in test}
@@ -179,6 +183,74 @@ def test_train_stream_content(stream_images):
                 for t, l in (im == v[:, :1, :1]).all(dim=0).nonzero().tolist():
                     found += torch.equal(im[:, t : t + 32, l : l + 32], v)
         assert found == 1
+
+
+def test_texture_map_window_means_equal_direct_means():
+    image = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(3))
+    grad, texture = gradient_magnitude(image), TextureMap(image)
+    tops, lefts = torch.tensor([0, 5, 24]), torch.tensor([0, 17, 34])
+    direct = torch.stack([grad[t:t + 16, l:l + 16].mean() for t, l in zip(tops.tolist(), lefts.tolist())])
+    torch.testing.assert_close(texture.window_mean(tops, lefts, 16), direct, atol=1e-5, rtol=0)
+
+
+def test_texture_weighting_prefers_textured_windows():
+    """Half flat, half noise: uniform crops land on the noise about half the time, texture-weighted ones
+    (8 candidates, floor 0.2) far more often, yet flat crops still appear."""
+    image = torch.full((3, 64, 256), 0.5)
+    image[:, :, 128:] = torch.rand(3, 64, 128, generator=torch.Generator().manual_seed(0))
+
+    def textured_share(candidates):
+        stream = TrainStream([("half", image)], ["denoise"], crop=16, batch_size=200, seed=1,
+                             texture_candidates=candidates)
+        gt = stream.batch(0)["gt"]
+        return float((gt.flatten(1).std(1) > 0.05).float().mean())
+
+    uniform, weighted = textured_share(1), textured_share(8)
+    assert 0.35 < uniform < 0.7
+    assert weighted > 0.9 and weighted < 1.0
+
+
+def test_rescaled_crops_are_resized_windows(stream_images):
+    stream = TrainStream(stream_images, ["sr"], crop=16, batch_size=8, seed=2, rescale=(0.5, 0.5))
+    assert stream.window(16, 0.5) == 32
+    b = stream.batch(0)
+    assert b["gt"].shape == (8, 3, 16, 16)
+    # a 32-px window averaged down to 16 px is smoother than a raw 16-px window of noise
+    raw = TrainStream(stream_images, ["sr"], crop=16, batch_size=8, seed=2).batch(0)["gt"]
+    assert float(b["gt"].std()) < 0.8 * float(raw.std())
+    with pytest.raises(ValueError, match="rescale"):
+        TrainStream(stream_images, ["sr"], crop=16, batch_size=8, seed=2, rescale=(0.7, 0.3))
+    with pytest.raises(ValueError, match="no training image is at least 128x128"):
+        TrainStream(stream_images, ["sr"], crop=32, batch_size=8, seed=2, rescale=(0.25, 1.0))
+
+
+def test_uniform_stream_draws_are_unchanged(stream_images):
+    """One candidate and no rescaling draw exactly what the uniform stream always drew."""
+    g = torch.Generator().manual_seed(mix_seed(7, 0))
+    which = int(torch.randint(3, (1,), generator=g))
+    h, w = stream_images[which][1].shape[-2:]
+    top, left = int(torch.randint(h - 31, (1,), generator=g)), int(torch.randint(w - 31, (1,), generator=g))
+    k = int(torch.randint(8, (1,), generator=g))
+    gt, _, _ = TrainStream(stream_images, ["sr"], crop=32, batch_size=1, seed=7).sample(0)
+    window = stream_images[which][1][:, top:top + 32, left:left + 32]
+    expected = torch.rot90(window, k % 4, dims=(-2, -1))
+    assert torch.equal(gt, expected.flip(-1) if k >= 4 else expected)
+
+
+def test_validation_and_heldout_sets():
+    from fluxir.config import load_config
+
+    cfg = load_config("configs/smoke.yaml", ["data.val_crops_per_image=1"])
+    val = evaluation_set(cfg, "val")
+    assert set(val) == set(cfg.data.tasks)
+    d = val["sr"]
+    assert d["lq"].shape == d["gt"].shape == (len(bundled_images("train")), 3, 32, 32)
+    assert torch.equal(d["gt"], (d["gt"] * 255).round() / 255)  # 8-bit, as the PNG test set
+    assert torch.equal(in_memory_set(cfg, "val")["sr"]["lq"], d["lq"])  # deterministic
+    held = evaluation_set(cfg, "heldout")
+    assert held["denoise"]["names"] == ["grace_hopper_0.png"]
+    with pytest.raises(ValueError, match="unknown evaluation split"):
+        evaluation_set(cfg, "train")
 
 
 def test_train_stream_rejects_bad_crop(stream_images):

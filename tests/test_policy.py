@@ -36,6 +36,35 @@ def test_fresh_x0_residual_policy_returns_the_lq_exactly():
     torch.testing.assert_close(pred.velocity, (x - lq) / t.view(-1, 1, 1))
 
 
+@pytest.mark.parametrize("source", ["lq", "gaussian"])
+def test_precond_reading_equals_the_residual_at_t1_and_returns_the_state_at_t0(source):
+    """x0_precond = LQ + c_skip·(x_t − E[x_t|LQ]) + c_out·F: the plain residual reading at t = 1, the state
+    itself at t → 0, and the same trainable weights (same seeded init) as x0_residual."""
+    over = [f"flow.source={source}", "model.sigma_data=0.3"]
+    residual = build_policy(load_config(None, over), 12)
+    precond = build_policy(load_config(None, over + ["model.parametrization=x0_precond"]), 12)
+    for name, value in residual.trainable_state_dict().items():
+        assert torch.equal(value, precond.trainable_state_dict()[name]), name
+    with torch.no_grad():
+        for p in (residual, precond):
+            torch.nn.init.normal_(p.transformer.proj_out.weight, std=0.1, generator=torch.Generator().manual_seed(5))
+    x, lq, _, task, ids = _inputs()
+    ones = torch.ones(2)
+    torch.testing.assert_close(precond(x, lq, ones, task, ids).x0_hat, residual(x, lq, ones, task, ids).x0_hat)
+    tiny = torch.full((2,), 1e-6)
+    torch.testing.assert_close(precond(x, lq, tiny, task, ids).x0_hat, x, atol=1e-4, rtol=0)
+    # in between: the least-squares skip (1−t)σ_d²/D times the state's deviation from E[x_t | LQ]
+    half = torch.full((2,), 0.5)
+    sigma = 0.1 if source == "lq" else 1.0
+    out = precond.transformer(hidden_states=torch.cat([x, lq], -1), encoder_hidden_states=precond.task_tokens[task],
+                              pooled_projections=precond.task_pooled[task], timestep=half, img_ids=ids,
+                              txt_ids=torch.zeros(4, 3), return_dict=False)[0]
+    d = (0.5 * 0.3) ** 2 + (0.5 * sigma) ** 2
+    mean = lq if source == "lq" else 0.5 * lq
+    expected = lq + 0.5 * 0.09 / d * (x - mean) + 0.5 * sigma / d ** 0.5 * out
+    torch.testing.assert_close(precond(x, lq, half, task, ids).x0_hat, expected)
+
+
 def test_velocity_reading_and_tasks_change_the_output():
     cfg = load_config(None, ["model.parametrization=velocity"])
     policy = build_policy(cfg, 12)

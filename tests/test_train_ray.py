@@ -21,12 +21,13 @@ DS_CONFIG = load_ds_config(
     {"optimizer": {"params": {"lr": 1e-2, "weight_decay": 0.0}}},
 )
 STEPS = 30
+EMA_DECAY = 0.8  # the runs keep a weight average: saved as the model, the last weights as model-raw
 
 
 def _train(run_dir, name, steps, config=CONFIG, progress=None):
     return run_training(
         RECIPE, config, run_dir=str(run_dir), name=name, steps=steps, num_workers=2, ds_config=DS_CONFIG,
-        checkpoint_every=10, keep_checkpoints=2, log_every=5, progress=progress,
+        checkpoint_every=10, keep_checkpoints=2, log_every=5, progress=progress, ema_decay=EMA_DECAY,
     )
 
 
@@ -76,15 +77,26 @@ def test_saved_model_reloads_and_reproduces_loss(straight_run):
     assert reloaded < 0.5 * recipe.eval_loss(recipe.build_model())
 
 
+def test_weight_average_is_the_model_and_the_last_weights_are_kept(straight_run):
+    model_dir = Path(straight_run[0]["model_dir"])
+    average, last = _weights(model_dir), _weights(f"{model_dir}-raw")
+    assert set(average) == set(last)
+    assert any(not torch.equal(average[k], last[k]) for k in average)
+    recipe = ToyRegression(CONFIG)
+    assert recipe.eval_loss(recipe.load_model(f"{model_dir}-raw")) < 0.5 * recipe.eval_loss(recipe.build_model())
+
+
 @pytest.mark.slow  # a second training run from a checkpoint: ~60 s; CI runs it (`make test-slow`)
 def test_resume_continues_at_checkpoint_and_matches_straight_run(straight_run, run_dir):
     first = _train(run_dir, "resumed", 20)
     assert first["metrics"]["step"] == 20
     second = _train(run_dir, "resumed", STEPS)
     assert second["metrics"]["start_step"] == 20 and second["metrics"]["step"] == STEPS
-    straight, resumed = _weights(straight_run[0]["model_dir"]), _weights(second["model_dir"])
-    for key, value in straight.items():
-        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+    for suffix in ("", "-raw"):  # the weight average resumes from the checkpoint too
+        straight = _weights(straight_run[0]["model_dir"] + suffix)
+        resumed = _weights(second["model_dir"] + suffix)
+        for key, value in straight.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key + suffix)
 
 
 @pytest.mark.slow  # a third training start (~45 s), kept out of the 10-minute suite; CI runs it (`make test-slow`)
@@ -102,3 +114,10 @@ def test_ds_config_overrides_merge_deeply():
     assert config["optimizer"]["params"]["betas"] == [0.9, 0.999] and config["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         load_ds_config(config, {"gradient_accumulation_steps": 4})
+
+
+def test_threads_follow_the_cpu_share():
+    from actors.runtime import threads_for
+
+    assert [threads_for({"CPU": c}) for c in (0.2, 0.5, 1, 1.2, 2, 8)] == [1, 1, 1, 2, 2, 8]
+    assert threads_for({}) == 1 and threads_for({"GPU": 1}) == 1
