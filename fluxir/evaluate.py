@@ -25,9 +25,14 @@ def lpips_or_reason(enabled: bool):
         return None, str(err)
 
 
-def score(pred, gt, convention, lpips_net) -> dict[str, float]:
+def score(pred, gt, convention, lpips_net, per_image: bool = False) -> dict:
+    """Mean of each metric over the batch; with `per_image` also {"per_image": {metric: [value per image]}}
+    (what paired comparisons and bootstrap intervals need)."""
     m = compute_metrics(pred, gt, convention, lpips=lpips_net)
-    return {k: float(v.double().mean()) for k, v in m.items()}
+    out = {k: float(v.double().mean()) for k, v in m.items()}
+    if per_image:
+        out["per_image"] = {k: [float(x) for x in v.double().flatten()] for k, v in m.items()}
+    return out
 
 
 def eval_schedule(cfg, nfe: int) -> list[float]:
@@ -69,11 +74,11 @@ def evaluate(policy, codec, testset: dict, cfg, nfes: list[int] | None = None, l
     start = time.perf_counter()
     for task_name, pairs in testset.items():
         lq, gt = pairs["lq"], pairs["gt"]
-        entry = {"lq": score(lq, gt, convention, lpips_net), "nfe": {}, "count": int(lq.shape[0])}
+        entry = {"lq": score(lq, gt, convention, lpips_net, per_image=True), "nfe": {}, "count": int(lq.shape[0])}
         for n in nfes:
             t0 = time.perf_counter()
             out = restore_set(policy, codec, lq, task_name, cfg, schedules[n], seed=cfg.seed)
-            entry["nfe"][n] = score(out, gt, convention, lpips_net)
+            entry["nfe"][n] = score(out, gt, convention, lpips_net, per_image=True)
             entry["nfe"][n]["sec_per_image"] = (time.perf_counter() - t0) / lq.shape[0]
             if keep_images:
                 result["images"].setdefault(task_name, {})[n] = out
