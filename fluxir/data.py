@@ -500,7 +500,7 @@ EVAL_SET_SEEDS = {"val": 4321, "heldout": 2468}
 def in_memory_set(cfg, split: str) -> dict[str, dict]:
     """An evaluation set in `load_testset`'s format, built in memory (8-bit, as the PNG test set is).
 
-    "val": `data.val_crops_per_image` textured crops of each training image at the test scale, with
+    "val": `data.val_crops_per_image` textured crops of each training image (bundled: at the test scale), with
     their own degradation seeds — where settings are chosen. "heldout": crops of a photo that no split
     trains or selects on (matplotlib's Grace Hopper), reported beside the frozen test set.
     """
@@ -514,12 +514,11 @@ def in_memory_set(cfg, split: str) -> dict[str, dict]:
 
 
 def training_images(cfg, scale: float | None = None) -> list[tuple[str, Tensor]]:
-    """The clean images stage 0 trains on: `data.folder`, else the bundled training photos (at `scale`,
-    default `data.train_scale`)."""
-    scale = cfg.data.train_scale if scale is None else scale
+    """The clean images stage 0 trains on: `data.folder` as its files are, else the bundled training
+    photos at `scale` (default `data.train_scale`)."""
     if cfg.data.folder:
-        return [(n, resize(im, scale)) for n, im in ImageFolderSource(cfg.data.folder, min_size=cfg.data.crop).images]
-    return bundled_images("train", scale=scale)
+        return ImageFolderSource(cfg.data.folder, min_size=cfg.data.crop).images
+    return bundled_images("train", scale=cfg.data.train_scale if scale is None else scale)
 
 
 def train_stream(cfg, batch_size: int | None = None, seed: int | None = None) -> TrainStream:

@@ -9,6 +9,7 @@ import torch
 
 from fluxir.cli import build_parser, main
 from fluxir.data import save_image
+from fluxir.degradations import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["run", "pretrain", "rl", "distill", "sweep", "eval", "restore", "export", "submit", "testset", "weights"]
@@ -135,6 +136,21 @@ def test_pretrain_resumes_from_the_last_checkpoint(smoke_run):
     assert (out["metrics"]["start_step"], out["metrics"]["step"]) == (6, 8)
     assert sorted(p.name for p in (run_dir / "pretrain").glob("checkpoint_0*")) == [
         "checkpoint_00000006", "checkpoint_00000008"]  # keep_checkpoints = 2
+
+
+def test_run_reports_the_held_out_photo_and_eval_scores_any_split(smoke_run, tmp_path):
+    run_dir, args = smoke_run
+    report = (run_dir / "report.md").read_text()
+    assert "## On the held-out photo" in report and "Worse than the input:" in report
+    held = json.loads((run_dir / "heldout.json").read_text())
+    assert set(held) == {"base", "rl"} and set(held["base"]["tasks"]) == set(TASKS)
+    out = tmp_path / "val.json"
+    assert main(["eval", *args[1:], "--split", "val", "--nfe", "1", "--out", str(out)]) == 0
+    val = json.loads(out.read_text())
+    entry = val["tasks"]["denoise"]
+    assert val["nfe"] == [1] and entry["count"] == 7  # one crop of each training photo
+    assert len(entry["nfe"]["1"]["per_image"]["psnr"]) == 7
+    assert entry["nfe"]["1"]["psnr"] == pytest.approx(sum(entry["nfe"]["1"]["per_image"]["psnr"]) / 7)
 
 
 def test_restore_one_image(smoke_run, tmp_path, capsys):
