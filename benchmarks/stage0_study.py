@@ -38,6 +38,8 @@ VARIANTS = {
     "mildx2": ["data.task_weights={sr: 2, deblur: 2, raindrop: 2}"],
     # sr alone, 600 steps (twice the sr samples of a 2,000-step seven-task run): is sr's share the limit?
     "sronly": ["data.tasks=[sr]", "pretrain.steps=600"],
+    # the five colour photographs only (no greyscale camera and grass)
+    "colour5": ["data.train_images=[astronaut, chelsea, coffee, rocket, motorcycle]"],
     "seed1": ["seed=1"],
 }
 

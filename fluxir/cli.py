@@ -326,7 +326,8 @@ def _heldout_section(cfg: Config, policies: dict[str, Path], command: str) -> tu
     worse = [f"{name} {task} NFE {n} ({e['tasks'][task]['nfe'][n]['psnr'] - e['tasks'][task]['lq']['psnr']:+.2f} dB)"
              for name, e in evals.items() for task in e["tasks"] for n in e["nfe"]
              if e["tasks"][task]["nfe"][n]["psnr"] < e["tasks"][task]["lq"]["psnr"]]
-    parts = [f"## On the held-out photo ({SPLIT_NAMES['heldout']})",
+    parts = ["## On the held-out photo",
+             "matplotlib's `grace_hopper.jpg`: no split trains, selects or tests on it.",
              f"{first['tasks'][next(iter(first['tasks']))]['count']} crops per task; reproduce one column with "
              f"`{command.replace(' run ', ' eval ', 1)} --split heldout --policy <run>/<stage>/model`.",
              "Worse than the input: " + ("; ".join(worse) if worse else "nowhere (every task, every NFE).")]

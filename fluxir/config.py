@@ -115,6 +115,7 @@ class FlowConfig(Strict):
 class DataConfig(Strict):
     tasks: list[str] = list(TASKS)
     folder: str | None = None  # optional folder of clean training images (default: bundled photos)
+    train_images: list[str] | None = None  # a subset of the bundled training photos (default: all of them)
     train_scale: float = Field(0.5, gt=0, le=1)
     # Per-crop rescaling (lo, hi) of the train_scale images: a crop covers crop/s source pixels, resized
     # (antialiased) to the crop, for s uniform in [lo, hi]. None: crops at train_scale.
@@ -141,6 +142,16 @@ class DataConfig(Strict):
         if unknown or not tasks:
             raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
         return tasks
+
+    @field_validator("train_images")
+    @classmethod
+    def _bundled_names(cls, v):
+        from fluxir.data import TRAIN_IMAGES
+
+        unknown = sorted(set(v or []) - set(TRAIN_IMAGES))
+        if unknown or v == []:
+            raise ValueError(f"train_images must name bundled training photos {list(TRAIN_IMAGES)}; unknown: {unknown}")
+        return v
 
     @model_validator(mode="after")
     def _weights_name_tasks(self) -> "DataConfig":

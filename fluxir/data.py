@@ -518,7 +518,8 @@ def training_images(cfg, scale: float | None = None) -> list[tuple[str, Tensor]]
     photos at `scale` (default `data.train_scale`)."""
     if cfg.data.folder:
         return ImageFolderSource(cfg.data.folder, min_size=cfg.data.crop).images
-    return bundled_images("train", scale=cfg.data.train_scale if scale is None else scale)
+    images = bundled_images("train", scale=cfg.data.train_scale if scale is None else scale)
+    return [(n, im) for n, im in images if cfg.data.train_images is None or n in cfg.data.train_images]
 
 
 def train_stream(cfg, batch_size: int | None = None, seed: int | None = None) -> TrainStream:

@@ -103,6 +103,7 @@ def test_run_includes_stage2_students_per_budget(smoke_run):
     assert tuple(table.column("states").type.shape) == (5, 64, 12)
 
 
+@pytest.mark.slow  # ~20 s: a Tune sweep and its restore; CI runs it (`make test-slow`)
 def test_two_trial_sweep_with_asha_and_resume(smoke_run):
     """`fluxir sweep` on a real local Ray: 2 trials (budgets 1, 2), the Pareto table, best per budget;
     `--resume` restores the finished experiment instead of training again."""
@@ -125,6 +126,7 @@ def test_two_trial_sweep_with_asha_and_resume(smoke_run):
     assert {p: p.stat().st_mtime for p in (run_dir / "sweep" / "trials").rglob("trainer.pt")} == stamp
 
 
+@pytest.mark.slow  # ~40 s: a second stage-0 start; CI runs it (`make test-slow`)
 def test_pretrain_resumes_from_the_last_checkpoint(smoke_run):
     """Asking the finished 6-step run for 8 steps continues at step 6 from its DeepSpeed checkpoint."""
     from actors.pretrain import run_pretrain

@@ -172,6 +172,7 @@ def test_colocated_slots_and_precision_are_checked(pipeline, tmp_path):
         learner_ds_config(fp32_json, 8)
 
 
+@pytest.mark.slow  # ~45 s: one real RL iteration on the flux-dev path; CI runs it (`make test-slow`)
 def test_one_rl_iteration_on_the_flux_dev_path(ray_session, pipeline, cache, tmp_path):
     """2 colocated slots (learner + rollout actor each, the reward worker in slot 0), DeepSpeed ZeRO-2 on the
     VAE codec, prompt cache, LoRA and widened input: one iteration changes the adapter and the LQ columns."""

@@ -41,6 +41,7 @@ def base(tmp_path_factory) -> Path:
     return tmp
 
 
+@pytest.mark.slow  # ~60 s of fault injection; CI runs it (`make test-slow`)
 def test_full_iterations_with_a_rollout_actor_killed(ray_session, base):
     """2 rollout actors, 1 reward worker, 2 learner ranks; rollout-0 is killed with its shard in flight
     in iteration 1: the shard is re-issued, the restarted actor re-synced, the run finishes on time."""
@@ -110,8 +111,10 @@ def test_two_rank_update_equals_one_rank(ray_session, base):
         finally:
             group.shutdown()
     assert losses[1] == pytest.approx(losses[2], rel=1e-5)
-    # One AdamW step moves each weight by about lr; allow 1e-3 of it for float summation order.
-    tol = cfg.rl.lr * 1e-3
+    # One AdamW step moves each weight by about lr; allow 0.5 % of it for the two ranks' float summation
+    # order (Adam divides by √v, which magnifies rounding where gradients are tiny). A mis-scaled loss or
+    # a missing rank would move weights by tens of % of lr.
+    tol = cfg.rl.lr * 5e-3
     diffs = {n: (weights[1][n] - weights[2][n]).abs().max().item() for n in weights[1]}
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= tol, (worst, diffs[worst])
