@@ -36,7 +36,8 @@ def summarise(history: list[dict], warmup: int) -> dict:
 
 
 def single_process(cfg, iterations: int) -> list[dict]:
-    """The same loop in one process: sample K candidates, score, build the batch, one AdamW step."""
+    """The same loop in one process: sample K candidates, score, build the batch, `rl.updates_per_rollout`
+    AdamW steps."""
     from actors.rl import rl_stream
     from fluxir.codec import build_codec
     from fluxir.metrics import compute_metrics, load_lpips
@@ -64,11 +65,12 @@ def single_process(cfg, iterations: int) -> list[dict]:
             rows["reward"] = rl.combine_reward(compute_metrics(out["final"], rows["gt"], lpips=lpips), cfg.rl.reward)
         batch, _ = rl.learner_batch(rows, cfg)
         t2 = time.perf_counter()
-        per, _ = objective.per_sample(policy, batch)
-        opt.zero_grad()
-        per.mean().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        for update in range(cfg.rl.updates_per_rollout):  # as the controller: fresh states/noise each
+            per, _ = objective.per_sample(policy, rl.reseeded(batch, update))
+            opt.zero_grad()
+            per.mean().backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
         t3 = time.perf_counter()
         history.append({"rollout_s": t1 - t0, "reward_s": t2 - t1, "learn_s": t3 - t2, "sync_s": 0.0,
                         "iteration_s": t3 - t0, "rollouts": len(out["final"])})
