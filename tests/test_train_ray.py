@@ -99,7 +99,7 @@ def test_resume_continues_at_checkpoint_and_matches_straight_run(straight_run, r
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key + suffix)
 
 
-@pytest.mark.slow  # a third training start (~45 s), kept out of the 10-minute suite; CI runs it (`make test-slow`)
+@pytest.mark.slow  # a third training start (~45 s), kept out of the 8-minute suite; CI runs it (`make test-slow`)
 def test_nan_loss_stops_training_and_names_the_step(ray_session, run_dir):
     with pytest.raises(RuntimeError, match=r"(?s)non-finite.*step 3|step 3.*NaN") as info:
         _train(run_dir, "nan", 10, config={**CONFIG, "nan_at_step": 3, "nan_rank": 1})
