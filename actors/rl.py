@@ -1,4 +1,4 @@
-"""Stage 1 on Ray (DESIGN.md §6): rollout actors, reward workers, the learner group and the controller loop.
+"""Stage 1 on Ray: rollout actors, reward workers, the learner group and the controller loop.
 
 One iteration: the controller takes the next batch of (LQ, GT, task) inputs (the iteration is the
 data cursor), shards it over the `rollout-i` actors, hands each shard's Arrow record batch straight
@@ -122,17 +122,15 @@ class RewardWorker:
     def score(self, batch):
         import torch
 
-        from fluxir.metrics import compute_metrics
-        from fluxir.rl import combine_reward
+        from fluxir.rl import score
         from fluxir.rollouts import column_tensor, with_scores
 
         final, gt = column_tensor(batch, "final"), column_tensor(batch, "gt")
         with torch.no_grad():
-            metrics = compute_metrics(final.to(self.device), gt.to(self.device), lpips=self.lpips)
-            metrics = {k: v.cpu() for k, v in metrics.items()}
-        reward = combine_reward(metrics, self.cfg.rl.reward)
-        metrics.setdefault("lpips", torch.full_like(reward, float("nan")))
-        return with_scores(batch, {**metrics, "reward": reward})
+            scores = score(final.to(self.device), gt.to(self.device), self.cfg.rl.reward, self.lpips)
+            scores = {k: v.cpu() for k, v in scores.items()}
+        scores.setdefault("lpips", torch.full_like(scores["reward"], float("nan")))
+        return with_scores(batch, scores)
 
 
 def check_resources(cfg, available: dict[str, float]) -> None:
@@ -382,12 +380,6 @@ def load_latest(system: RLSystem, root: Path) -> dict | None:
 # The controller
 # ---------------------------------------------------------------------------------------------
 
-def rl_stream(cfg):
-    from fluxir.data import mix_seed, train_stream
-
-    return train_stream(cfg, batch_size=cfg.rl.batch_size, seed=mix_seed(cfg.seed, 1))
-
-
 def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_progress: bool = True,
            on_issued=None, write_rollouts: bool | None = None) -> dict:
     """Run (or resume) stage 1 into `<run>/<stage>`; returns {"model_dir", "iterations", "version", ...}.
@@ -396,6 +388,7 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
     """
     from fluxir.rl import check_rl_config
     from fluxir.rl import init_dir as default_init
+    from fluxir.rl_loop import rl_stream
 
     check_rl_config(cfg)
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
@@ -441,12 +434,12 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
 
 def _iteration(cfg, system: RLSystem, stream, it: int, on_issued, rollout_dir: Path | None) -> dict:
     """rollout → reward → update(s) → sync for data cursor `it`; the iteration's record."""
-    from fluxir.rl import learner_batch, reseeded
+    from fluxir.rl import REWARD_OBJECTIVES, learner_batch, reseeded
     from fluxir.rollouts import to_tensors, write_parquet
 
     t_iter = time.perf_counter()
     inputs = stream.batch(it)
-    if cfg.rl.objective == "fm":  # the control: flow matching on the same stream, no rollouts
+    if cfg.rl.objective not in REWARD_OBJECTIVES:  # fm, reward_backprop: the inputs alone, no rollouts
         batches, faults, sel, batch = [], {}, {}, inputs
     else:
         batches, faults = system.rollout_and_score(inputs, it * cfg.rl.batch_size, on_issued)

@@ -14,41 +14,8 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
-
-def per_image(result: dict, nfe: int | None, metric: str) -> dict[str, np.ndarray]:
-    """{task: per-image values} at `nfe` (None: the LQ input)."""
-    out = {}
-    for task, e in result["tasks"].items():
-        entry = e["lq"] if nfe is None else e["nfe"][str(nfe)] if str(nfe) in e["nfe"] else e["nfe"][nfe]
-        if "per_image" not in entry:
-            raise SystemExit(f"no per-image values for {task} at NFE {nfe}: evaluate again with this version")
-        out[task] = np.asarray(entry["per_image"][metric], dtype=np.float64)
-    return out
-
-
-def bootstrap(diffs: dict[str, np.ndarray], samples: int, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over tasks of the per-task mean difference, and its 95 % stratified bootstrap interval."""
-    rng = np.random.default_rng(seed)
-    point = float(np.mean([d.mean() for d in diffs.values()]))
-    draws = np.zeros(samples)
-    for d in diffs.values():
-        idx = rng.integers(0, len(d), size=(samples, len(d)))
-        draws += d[idx].mean(axis=1)
-    draws /= len(diffs)
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return point, float(lo), float(hi)
-
-
-def compare(a: dict, b: dict, nfe: int | None, nfe_b: int | None, metric: str, samples: int) -> dict:
-    va, vb = per_image(a, nfe, metric), per_image(b, nfe_b, metric)
-    if va.keys() != vb.keys() or any(len(va[t]) != len(vb[t]) for t in va):
-        raise SystemExit("the two evaluations are not of the same set (tasks or image counts differ)")
-    diffs = {t: va[t] - vb[t] for t in va}
-    mean, lo, hi = bootstrap(diffs, samples)
-    tasks = {t: dict(zip(("mean", "lo", "hi"), bootstrap({t: d}, samples))) for t, d in diffs.items()}
-    return {"mean": mean, "lo": lo, "hi": hi, "tasks": tasks}
+from common import ROOT  # noqa: F401,E402  (benchmarks/common.py: puts the repo on sys.path)
+from fluxir.stats import compare  # noqa: E402
 
 
 def main() -> int:
@@ -62,11 +29,12 @@ def main() -> int:
     args = parser.parse_args()
     a, b = json.loads(open(args.a).read()), json.loads(open(args.b).read())
     for n in args.nfe:
-        r = compare(a, b, n, args.nfe_b or n, args.metric, args.samples)
-        sure = "A better" if (r["lo"] > 0) == (args.metric != "lpips") and r["lo"] * r["hi"] > 0 else \
-            "B better" if r["lo"] * r["hi"] > 0 else "no difference shown"
+        try:
+            r = compare(a, b, n, args.metric, args.nfe_b or n, args.samples)
+        except ValueError as err:
+            raise SystemExit(str(err)) from err
         print(f"NFE {n} vs {args.nfe_b or n}: {args.metric} A − B = {r['mean']:+.4f} "
-              f"[{r['lo']:+.4f}, {r['hi']:+.4f}] ({sure})")
+              f"[{r['lo']:+.4f}, {r['hi']:+.4f}] ({r['verdict']})")
         for t, v in r["tasks"].items():
             print(f"  {t:11s} {v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]")
     return 0

@@ -6,7 +6,7 @@ settings) with all the machine's cores, on the same machine.
 
 Needs a stage-0 policy (`rl.init`, default <run>/pretrain/model, i.e. after `make run`). Writes
 benchmarks/results/rl_throughput.json: trajectories/s and the mean iteration split
-(rollout / reward / learn / sync seconds) for both, plus the machine.
+(rollout / reward / learn / sync seconds; the single process counts scoring in rollout_s) for both, plus the machine.
 """
 from __future__ import annotations
 
@@ -36,44 +36,22 @@ def summarise(history: list[dict], warmup: int) -> dict:
 
 
 def single_process(cfg, iterations: int) -> list[dict]:
-    """The same loop in one process: sample K candidates, score, build the batch, `rl.updates_per_rollout`
-    AdamW steps."""
-    from actors.rl import rl_stream
+    """The same loop in one process (fluxir.rl_loop.LocalRL) with all the machine's cores."""
     from fluxir.codec import build_codec
-    from fluxir.metrics import compute_metrics, load_lpips
     from fluxir.policy import load_policy
     from fluxir.pretrain import token_channels
-    from fluxir import rl
+    from fluxir.rl import init_dir
+    from fluxir.rl_loop import LocalRL
 
     torch.set_num_threads(os.cpu_count())
     codec = build_codec(cfg)
-    policy = load_policy(rl.init_dir(cfg), cfg, token_channels(codec)).train()
-    ds = json.loads((ROOT / cfg.rl.deepspeed).read_text())["optimizer"]["params"]
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.rl.lr, betas=tuple(ds["betas"]), eps=ds["eps"], weight_decay=ds["weight_decay"])
-    objective, stream = rl.RLObjective(cfg, codec), rl_stream(cfg)
-    lpips = load_lpips() if cfg.rl.reward.lpips > 0 else None
-    k, history = cfg.rl.candidates, []
+    loop = LocalRL(cfg, load_policy(init_dir(cfg), cfg, token_channels(codec)), codec)
+    history = []
     for it in range(iterations):
-        t0 = time.perf_counter()
-        inputs = stream.batch(it)
-        out = rl.sample_candidates(policy, codec, inputs["lq"], inputs["task"], inputs["seed"], cfg)
-        t1 = time.perf_counter()
-        rows = {key: v.repeat_interleave(k, 0) for key, v in inputs.items()} | out
-        rows["input"] = torch.arange(len(inputs["seed"])).repeat_interleave(k)
-        with torch.no_grad():
-            rows["reward"] = rl.combine_reward(compute_metrics(out["final"], rows["gt"], lpips=lpips), cfg.rl.reward)
-        batch, _ = rl.learner_batch(rows, cfg)
-        t2 = time.perf_counter()
-        for update in range(cfg.rl.updates_per_rollout):  # as the controller: fresh states/noise each
-            per, _ = objective.per_sample(policy, rl.reseeded(batch, update))
-            opt.zero_grad()
-            per.mean().backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        t3 = time.perf_counter()
-        history.append({"rollout_s": t1 - t0, "reward_s": t2 - t1, "learn_s": t3 - t2, "sync_s": 0.0,
-                        "iteration_s": t3 - t0, "rollouts": len(out["final"])})
+        record = loop.iteration(it)
+        rollouts = cfg.rl.batch_size * (cfg.rl.candidates if cfg.rl.objective in ("rsr", "grpo", "nft") else 0)
+        history.append({"rollout_s": record["rollout_s"], "reward_s": 0.0, "learn_s": record["learn_s"],
+                        "sync_s": 0.0, "iteration_s": record["iteration_s"], "rollouts": rollouts})
     return history
 
 

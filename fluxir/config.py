@@ -224,6 +224,9 @@ class RewardConfig(Strict):
     psnr: float = Field(1.0, ge=0)
     ssim: float = Field(0.0, ge=0)
     lpips: float = Field(0.0, ge=0)
+    # LPIPS sees crops of at least this size (smaller ones are upsampled bilinearly): at 32 px AlexNet's
+    # deeper feature maps are 1×1 and the distance is mostly colour statistics
+    lpips_min_size: int = Field(64, ge=32)
 
     @model_validator(mode="after")
     def _check(self) -> "RewardConfig":
@@ -234,7 +237,10 @@ class RewardConfig(Strict):
 
 class RLConfig(Strict):
     """Stage 1: rollout actors, reward workers and a DeepSpeed learner group on Ray (DESIGN.md §6)."""
-    objective: Literal["rsr", "grpo", "fm"] = "rsr"  # fm: plain flow matching (the equal-time control)
+    # rsr: the paper's reward-selected regression; grpo: PPO-clipped ratio of stochastic steps; nft:
+    # likelihood-free reward-weighted flow matching on the policy's own samples; fm: plain flow matching
+    # (a control); reward_backprop: the reward's gradient through the sampler (a control)
+    objective: Literal["rsr", "grpo", "nft", "fm", "reward_backprop"] = "rsr"
     init: str | None = None  # policy folder to start from (default: <run>/pretrain/model)
     iterations: int = Field(100, ge=1)
     max_seconds: float | None = Field(None, gt=0)  # also stop after this much loop wall-clock
@@ -245,6 +251,13 @@ class RLConfig(Strict):
     shift: float = Field(1.0, gt=0)
     rho: float = Field(1.0, ge=0, le=1)
     stochastic_steps: list[int] | None = None  # step indices explored (default: all but the last)
+    # Branching: the modulated candidates follow the ODE trajectory up to a per-input branch step and
+    # explore `window` consecutive steps from there (ODE after it); the learner trains only those steps.
+    window: int | None = Field(None, ge=1)
+    # The reward-free control: rewards are permuted within each input's candidates before selection or
+    # advantages (same compute, no reward information)
+    shuffle_rewards: bool = False
+    nft_beta: float = Field(1.0, gt=0)  # nft: the step of the implicit positive/negative policies
     keep_states: list[int] | None = None  # schedule indices stored per trajectory (default: all)
     updates_per_rollout: int = Field(1, ge=1)  # learner steps per rollout batch (fresh states/noise each)
     margin: float = Field(0.0, ge=0)  # rsr: best must beat the ODE candidate's reward by this
@@ -288,8 +301,10 @@ class RLConfig(Strict):
             raise ValueError(f"rl.colocate needs one rollout actor per learner slot and at most one reward worker "
                              f"per slot: num_rollout_actors={self.num_rollout_actors}, num_learners="
                              f"{self.num_learners}, num_reward_workers={self.num_reward_workers}")
-        if self.objective == "grpo" and self.candidates < 2:
-            raise ValueError("grpo needs candidates >= 2 (advantages are relative within a group)")
+        if self.objective in ("grpo", "nft") and self.candidates < 2:
+            raise ValueError(f"{self.objective} needs candidates >= 2 (advantages are relative within a group)")
+        if self.shuffle_rewards and self.objective in ("fm", "reward_backprop"):
+            raise ValueError(f"rl.shuffle_rewards has no rewards to shuffle with objective={self.objective}")
         return self
 
 

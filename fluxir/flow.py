@@ -1,4 +1,4 @@
-"""Rectified flow (DESIGN.md §4): the path, Euler ODE step, modulated stochastic step, schedules.
+"""Rectified flow: the path, Euler ODE step, modulated stochastic step, schedules.
 
 Time runs from t = 1 (source x1) to t = 0 (clean x0): x_t = (1−t)·x0 + t·x1, velocity v = x1 − x0.
 Tensors are token batches (B, N, C) or images (B, C, H, W); `t` is a float or a (B,) tensor.
@@ -72,11 +72,17 @@ def stochastic_step_moments(x_t, velocity, t, s, mu, sigma: float, rho: float):
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
-    """log N(x; mean, std²) summed over all but the batch dim, in fp32. (B,)"""
+    """log N(x; mean, std²) per dimension: the mean over all but the batch dim, in fp32. (B,)
+
+    The mean, not the sum: a PPO ratio exp(Δ log p) built from a sum over the thousands of dimensions of
+    an image moves by several units when each pixel's mean moves by a fraction of a grey level, so a
+    second update on the same rollout would fall almost entirely outside the clip. Per dimension, the
+    ratio of a crop does not depend on its size.
+    """
     x, mean = x.float(), mean.float()
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).expand_as(x)
     lp = -((x - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return lp.flatten(1).sum(1)
+    return lp.flatten(1).mean(1)
 
 
 def stochastic_step(x_t, velocity, t, s, mu, sigma: float, rho: float, noise: torch.Tensor | None = None,

@@ -154,11 +154,34 @@ def write_gap_plot(path: Path, histories: dict[str, list[dict]]) -> Path:
     return path
 
 
-STAGE_LABELS = {"base": "stage-0 base", "rl": "RL", "rl-control": "control (fm)", "rl-k1": "ablation (K=1)"}
+STAGE_LABELS = {"base": "stage-0 base", "rl": "RL", "rl-fm": "control: flow matching",
+                "rl-shuffled": "control: shuffled rewards", "rl-k1": "control: K=1",
+                "rl-backprop": "control: reward backprop"}
+
+
+def paired_table(evals: dict[str, dict], arm: str, metrics: list[str]) -> str:
+    """`arm` minus each other evaluation per metric and NFE: mean over tasks and the 95 % paired,
+    task-stratified bootstrap interval over the test crops (fluxir.stats)."""
+    from fluxir.stats import compare
+
+    first = evals[arm]
+    lines = ["| " + arm + " minus | " + " | ".join(f"{m.upper()} NFE {n}" for m in metrics for n in first["nfe"]) + " |",
+             "|---|" + "---:|" * (len(metrics) * len(first["nfe"]))]
+    for other, result in evals.items():
+        if other == arm:
+            continue
+        cells = []
+        for m in metrics:
+            for n in first["nfe"]:
+                r = compare(first, result, n, m)
+                mark = "" if r["verdict"] == "no difference shown" else (" ✓" if r["verdict"] == "A better" else " ✗")
+                cells.append(f"{r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{mark}")
+        lines.append(f"| {STAGE_LABELS.get(other, other)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def rl_section(evals: dict[str, dict], runs: dict[str, dict], command: str, plot: str | None) -> str:
-    """Stage 1 against the base, the equal-time control and the K=1 ablation, per NFE and metric."""
+    """Stage 1 against the base and each equal-time control, per NFE and metric, with paired intervals."""
     parts = ["## Stage 1: RL trajectory optimisation", f"Reproduce: `{command}`"]
     lines = []
     for stage, run in runs.items():
@@ -166,9 +189,13 @@ def rl_section(evals: dict[str, dict], runs: dict[str, dict], command: str, plot
                      f"{run['loop_seconds']:.0f} s loop wall-clock (+{run['startup_seconds']:.0f} s start-up), "
                      f"policy v{run['version']}")
     parts.append("\n".join(lines))
-    labelled = {STAGE_LABELS.get(k, k): v for k, v in evals.items()}
     first = next(iter(evals.values()))
-    for metric in _metrics_present(first):
+    metrics = _metrics_present(first)
+    parts.append("### RL minus each arm, paired over the test crops\n\nMean over tasks and its 95 % bootstrap "
+                 "interval (crops resampled within each task); ✓: RL better, ✗: RL worse, otherwise no difference "
+                 "shown.\n\n" + paired_table(evals, "rl", metrics))
+    labelled = {STAGE_LABELS.get(k, k): v for k, v in evals.items()}
+    for metric in metrics:
         for nfe in first["nfe"]:
             parts.append(f"### {metric.upper()} at NFE {nfe}\n\n" + comparison_table(labelled, metric, nfe))
     if plot:

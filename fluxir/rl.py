@@ -1,17 +1,26 @@
-"""Stage 1 math (DESIGN.md §6): candidate trajectories, rewards, selection, and the RL objectives.
+"""Stage 1 math: candidate trajectories, rewards, selection, and the RL objectives.
 
 Pure torch; the Ray layer (actors/rl.py) runs it. Candidates of one input are K consecutive rows
 (row b·K + k); candidate 0 is the deterministic ODE trajectory, 1..K−1 are modulated ones that share
-its start and differ by the noise of their stochastic steps.
+its start and differ by the noise of their stochastic steps (with `rl.window`, they share its states up
+to a per-input branch step and explore only the window's steps).
 
-Objectives, per sample (the learner averages them over the global batch):
+Objectives, per sample (the learner averages them over the global batch). Every regression term is a
+per-sample log-MSE (`pretrain.loss`), so its gradient is the MSE's divided by the MSE: the terms are in
+one unit system (relative error) and their weights compare directly.
 - `rsr` (reward-selected regression, the paper's): the best candidate by reward is selected when it
   beats the ODE candidate by `margin`; at a random state pair (x_a, x_b) of the selected trajectory
-  the policy's velocity at x_a is regressed onto (x_b − x_a)/(t_b − t_a) (only where a better
-  candidate was found), its x0̂ at x_a onto GT, plus the flow-matching anchor.
-- `grpo` (Flow-GRPO style): group-normalised advantages, PPO-clipped ratio of the log-prob of one
-  random stochastic step per candidate, optional KL to the adapter-disabled reference, plus anchor.
+  whose step was explored, the policy's velocity at x_a is regressed onto (x_b − x_a)/(t_b − t_a)
+  (only where a better candidate was found), its x0̂ at x_a onto GT, plus the flow-matching anchor.
+- `grpo` (Flow-GRPO style): group-normalised advantages, PPO-clipped ratio of the per-dimension
+  log-prob of one random explored step per candidate, optional KL to the adapter-disabled reference,
+  plus anchor.
+- `nft` (DiffusionNFT family, likelihood-free): flow matching onto each candidate's own final image,
+  through the implicit positive policy v⁺ = v_old + β(v − v_old) weighted by the candidate's optimality
+  r ∈ [0, 1] and the negative one v⁻ = v_old − β(v − v_old) weighted by 1 − r; no log-probs.
 - `fm`: the anchor alone, i.e. stage-0 flow matching continued (the equal-time control).
+- `reward_backprop` (DRaFT/ReFL style, a control for differentiable rewards): the ODE sampler run with
+  gradients and the reward, normalised by its spread over the batch, maximised directly; plus anchor.
 """
 from __future__ import annotations
 
@@ -24,11 +33,13 @@ from fluxir import flow
 from fluxir.codec import image_ids, pack, unpack
 from fluxir.config import Config
 from fluxir.data import mix_seed
-from fluxir.objectives import flow_matching_per_sample, per_sample_mse, per_sample_regression, sample_times
+from fluxir.metrics import compute_metrics
+from fluxir.objectives import LOG_MSE_EPS, flow_matching_per_sample, per_sample_mse, per_sample_regression, sample_times
 from fluxir.pretrain import flow_matching_prediction
 from fluxir.sampling import initial_state, sample_trajectory, source_mean, source_sigma
 
-SALT_START, SALT_STEP, SALT_PAIR, SALT_FM = 1, 2, 3, 4
+SALT_START, SALT_STEP, SALT_PAIR, SALT_FM, SALT_WINDOW, SALT_SHUFFLE, SALT_NFT = 1, 2, 3, 4, 5, 6, 7
+REWARD_OBJECTIVES = ("rsr", "grpo", "nft")  # the objectives that read rollouts and their rewards
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +55,42 @@ def stochastic_indices(cfg: Config) -> list[int]:
     if cfg.rl.stochastic_steps is not None:
         return sorted(set(cfg.rl.stochastic_steps) - {cfg.rl.nfe - 1})
     return list(range(cfg.rl.nfe - 1))
+
+
+def window_starts(cfg: Config) -> list[int]:
+    """Branch steps a window of `rl.window` consecutive explored steps can start at."""
+    allowed = set(stochastic_indices(cfg))
+    return [i for i in sorted(allowed) if all(i + j in allowed for j in range(cfg.rl.window))]
+
+
+def branch_steps(cfg: Config, seeds: torch.Tensor) -> torch.Tensor:
+    """Per input (its seed), the step its modulated candidates branch off the ODE trajectory at (0 without
+    `rl.window`: they explore from the start)."""
+    if cfg.rl.window is None:
+        return torch.zeros(len(seeds), dtype=torch.long)
+    starts = torch.tensor(window_starts(cfg))
+    return starts[row_uniform_int(seeds.cpu(), len(starts), SALT_WINDOW)]
+
+
+def explored_mask(cfg: Config, seeds: torch.Tensor) -> torch.Tensor:
+    """(B, nfe) bool: the steps the modulated candidates of each input (its seed) take stochastically."""
+    mask = torch.zeros(len(seeds), cfg.rl.nfe, dtype=torch.bool)
+    if cfg.rl.window is None:
+        mask[:, stochastic_indices(cfg)] = True
+        return mask
+    start = branch_steps(cfg, seeds)
+    steps = torch.arange(cfg.rl.nfe)
+    return (steps >= start[:, None]) & (steps < start[:, None] + cfg.rl.window)
+
+
+def pick_true(mask: torch.Tensor, seeds: torch.Tensor, salt: int) -> torch.Tensor:
+    """Per row, the column of a uniformly drawn True entry of `mask` (B, P), from the row's own generator."""
+    counts = mask.sum(1)
+    if (counts == 0).any():
+        raise ValueError("a row has nothing to pick from")
+    nth = torch.tensor([int(torch.randint(int(c), (1,), generator=row_generator(s, salt)))
+                        for s, c in zip(seeds.tolist(), counts.tolist())])
+    return (mask.long().cumsum(1) == (nth + 1)[:, None]).long().argmax(1)
 
 
 def kept_indices(cfg: Config) -> list[int]:
@@ -66,6 +113,9 @@ def check_rl_config(cfg: Config) -> None:
         raise ValueError("rl.rho = 0 makes every candidate the ODE trajectory; use rl.candidates=1")
     if cfg.rl.objective == "grpo" and len(kept_indices(cfg)) != cfg.rl.nfe + 1:
         raise ValueError("rl.objective=grpo needs every state (rl.keep_states unset)")
+    if cfg.rl.window is not None and not window_starts(cfg):
+        raise ValueError(f"rl.window={cfg.rl.window} does not fit in the explored steps {stochastic_indices(cfg)} "
+                         f"(rl.nfe={cfg.rl.nfe}, rl.stochastic_steps)")
     if cfg.rl.kl_weight > 0 and not cfg.model.lora.enabled:
         raise ValueError("rl.kl_weight > 0 needs model.lora.enabled (the reference is the adapter-disabled base)")
 
@@ -91,43 +141,67 @@ def row_uniform_int(seeds: torch.Tensor, high: int, salt: int) -> torch.Tensor:
 # Rollouts
 # ---------------------------------------------------------------------------------------------
 
+def _starts(lq_tok: torch.Tensor, seeds: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Each input's start state at t_start, drawn from its own seed (rollouts and reward_backprop alike)."""
+    return torch.cat([initial_state(lq_tok[i:i + 1], cfg.flow, row_generator(s, SALT_START))
+                      for i, s in enumerate(seeds.tolist())])
+
+
 @torch.no_grad()
 def sample_candidates(policy, codec, lq: torch.Tensor, task: torch.Tensor, seeds: torch.Tensor, cfg: Config) -> dict:
     """K candidate trajectories per input. lq (B, 3, H, W) in [0, 1]; task (B,); seeds (B,) int64 per input.
 
     Returns rows b·K + k: `final` (B·K, 3, H, W) images in [0, 1], `states` (B·K, S, N, C) at
-    `kept_indices`, `log_probs` (B·K, nfe), `candidate` (B·K,), `noise_seed` (B·K,).
+    `kept_indices`, `log_probs` (B·K, nfe) per-dimension step log-probs (0 on ODE steps), `candidate`
+    (B·K,), `noise_seed` (B·K,).
     """
     k_count = cfg.rl.candidates
     z = codec.encode(lq)
     h, w = z.shape[-2:]
     lq_tok, ids = pack(z), image_ids(h, w, device=z.device)
-    starts = torch.cat([initial_state(lq_tok[i:i + 1], cfg.flow, row_generator(s, SALT_START))
-                        for i, s in enumerate(seeds.tolist())])
     schedule = rl_schedule(cfg)
-    ode = sample_trajectory(policy, lq_tok, task, ids, schedule, cfg.flow, x_start=starts)
+    ode = sample_trajectory(policy, lq_tok, task, ids, schedule, cfg.flow, x_start=_starts(lq_tok, seeds, cfg))
     noise_seed = torch.tensor([[mix_seed(int(s), k) for k in range(k_count)] for s in seeds.tolist()]).view(-1)
-    trajs = [(ode, torch.zeros(len(seeds), dtype=torch.bool))]
+    states, log_probs = [torch.stack(ode.states, 1)], [torch.stack(ode.log_probs, 1)]
     if k_count > 1:
-        rep = lambda x: x.repeat_interleave(k_count - 1, 0)  # noqa: E731
         explore_seeds = noise_seed.view(-1, k_count)[:, 1:].reshape(-1)
-        steps = stochastic_indices(cfg)
-        noise = {i: row_normal(explore_seeds, tuple(lq_tok.shape[1:]), mix_seed(SALT_STEP, i)) for i in steps}
-        explored = sample_trajectory(policy, rep(lq_tok), rep(task), ids, schedule, cfg.flow, x_start=rep(starts),
-                                     rho=cfg.rl.rho, stochastic_steps=set(steps), step_noise=noise)
-        trajs.append((explored, None))
-    keep = kept_indices(cfg)
-    states = [torch.stack([t.states[i] for i in keep], 1) for t, _ in trajs]
-    log_probs = [torch.stack(t.log_probs, 1) for t, _ in trajs]
-    state_rows = _interleave(states, k_count)
-    final_tok = state_rows[:, -1]
+        explored = _explore(policy, lq_tok, task, ids, schedule, cfg, states[0], seeds, explore_seeds)
+        states.append(explored[0])
+        log_probs.append(explored[1])
+    state_rows = _interleave(states, k_count)[:, kept_indices(cfg)]
     return {
-        "final": codec.decode(unpack(final_tok, h, w)).clamp(0, 1).cpu(),
+        "final": codec.decode(unpack(state_rows[:, -1], h, w)).clamp(0, 1).cpu(),
         "states": state_rows.cpu(),
         "log_probs": _interleave(log_probs, k_count).cpu(),
         "candidate": torch.arange(k_count).repeat(len(seeds)),
         "noise_seed": noise_seed,
     }
+
+
+def _explore(policy, lq_tok, task, ids, schedule, cfg, ode_states, seeds, explore_seeds):
+    """The modulated candidates, rows b·(K−1) + j: (states (R, nfe+1, N, C), log_probs (R, nfe)).
+
+    Input b's candidates start from its ODE state at its branch step and take its explored steps
+    stochastically (noise of step i drawn per row from (noise seed, i)), the others as ODE steps.
+    """
+    k1, nfe = cfg.rl.candidates - 1, cfg.rl.nfe
+    branch, mask = branch_steps(cfg, seeds), explored_mask(cfg, seeds)
+    states = ode_states.new_zeros(len(explore_seeds), *ode_states.shape[1:])
+    log_probs = ode_states.new_zeros(len(explore_seeds), nfe)
+    for start in branch.unique().tolist():
+        inputs = (branch == start).nonzero().squeeze(1)
+        rows = (inputs[:, None] * k1 + torch.arange(k1)).flatten()
+        steps = [i for i in range(nfe) if mask[inputs[0], i]]
+        noise = {i - start: row_normal(explore_seeds[rows], tuple(lq_tok.shape[1:]), mix_seed(SALT_STEP, i))
+                 for i in steps}
+        rep = lambda x: x[inputs.to(x.device)].repeat_interleave(k1, 0)  # noqa: E731
+        branchoff = sample_trajectory(policy, rep(lq_tok), rep(task), ids, schedule[start:], cfg.flow,
+                                      x_start=rep(ode_states[:, start]), rho=cfg.rl.rho,
+                                      stochastic_steps={i - start for i in steps}, step_noise=noise)
+        dev_rows = rows.to(states.device)
+        states[dev_rows] = torch.cat([rep(ode_states[:, :start]), torch.stack(branchoff.states, 1)], 1)
+        log_probs[dev_rows, start:] = torch.stack(branchoff.log_probs, 1).to(log_probs.dtype)
+    return states, log_probs
 
 
 def _interleave(parts: list[torch.Tensor], k_count: int) -> torch.Tensor:
@@ -149,6 +223,30 @@ def combine_reward(metrics: dict[str, torch.Tensor], weights) -> torch.Tensor:
     if weights.lpips > 0:
         reward = reward - weights.lpips * metrics["lpips"]
     return reward
+
+
+def at_least(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, 3, H, W) upsampled bilinearly so that their shorter side is at least `size`."""
+    short = min(images.shape[-2:])
+    if short >= size:
+        return images
+    return torch.nn.functional.interpolate(images, scale_factor=size / short, mode="bilinear", align_corners=False)
+
+
+def score(final: torch.Tensor, gt: torch.Tensor, weights, lpips=None) -> dict[str, torch.Tensor]:
+    """PSNR, SSIM (and LPIPS on crops of at least `weights.lpips_min_size`) of final images against GT, and
+    the reward: the reward worker's scoring, and reward_backprop's (differentiable when `lpips` is)."""
+    metrics = compute_metrics(final, gt)
+    if lpips is not None:
+        metrics["lpips"] = lpips(at_least(final, weights.lpips_min_size), at_least(gt, weights.lpips_min_size))
+    return {**metrics, "reward": combine_reward(metrics, weights)}
+
+
+def shuffled_within_groups(reward: torch.Tensor, seeds: torch.Tensor, k_count: int) -> torch.Tensor:
+    """The rewards of each input's K candidates permuted (seeded by the input): the reward-free control."""
+    group = reward.view(-1, k_count)
+    perms = torch.stack([torch.randperm(k_count, generator=row_generator(s, SALT_SHUFFLE)) for s in seeds.tolist()])
+    return group.gather(1, perms.to(group.device)).view(-1)
 
 
 def select_best(reward: torch.Tensor, k_count: int, margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -174,8 +272,9 @@ def group_advantages(reward: torch.Tensor, k_count: int, eps: float = 1e-6) -> t
 def learner_batch(rows: dict[str, torch.Tensor], cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The learner's global batch from scored rollout rows (tensors keyed as in `rollouts.to_tensors`).
 
-    rsr: one row per input (the selected trajectory); fm: one row per input (its images only);
-    grpo: every candidate with its advantage. Also returns selection statistics for logging.
+    rsr: one row per input (the selected trajectory); grpo, nft: every candidate with its advantage
+    (nft also its final image). With `rl.shuffle_rewards` selection and advantages read rewards permuted
+    within each group. Also returns selection statistics (of the true rewards) for logging.
     """
     k_count = cfg.rl.candidates
     valid = torch.isfinite(rows["reward"].view(-1, k_count)).all(1)  # a NaN image skips its whole group
@@ -183,14 +282,20 @@ def learner_batch(rows: dict[str, torch.Tensor], cfg: Config) -> tuple[dict[str,
         raise ValueError(f"every rollout of inputs {rows['input'][::k_count].tolist()} has a non-finite reward")
     rows = {k: v.view(-1, k_count, *v.shape[1:])[valid].flatten(0, 1) for k, v in rows.items()}
     reward = rows["reward"]
-    chosen, improved, gap = select_best(reward, k_count, cfg.rl.margin)
-    stats = {"reward_mean": float(reward.mean()), "reward_max": float(reward.view(-1, k_count).max(1).values.mean()),
-             "ode_reward": float(reward.view(-1, k_count)[:, 0].mean()), "gap": float(gap.mean()),
-             "improved_fraction": float(improved.float().mean()), "skipped": int((~valid).sum())}
+    group = reward.view(-1, k_count)
+    stats = {"reward_mean": float(reward.mean()), "reward_max": float(group.max(1).values.mean()),
+             "ode_reward": float(group[:, 0].mean()), "gap": float((group.max(1).values - group[:, 0]).mean()),
+             "skipped": int((~valid).sum())}
+    if cfg.rl.shuffle_rewards:
+        reward = shuffled_within_groups(reward, rows["seed"][::k_count], k_count)
+    chosen, improved, _ = select_best(reward, k_count, cfg.rl.margin)
+    stats["improved_fraction"] = float(improved.float().mean())
     keys = ("lq", "gt", "task", "seed")
-    if cfg.rl.objective == "grpo":
+    if cfg.rl.objective in ("grpo", "nft"):
         batch = {k: rows[k] for k in (*keys, "states", "log_probs", "candidate")}
         batch["advantage"] = group_advantages(reward, k_count)
+        if cfg.rl.objective == "nft":
+            batch["final"] = rows["final"]
         return batch, stats
     pick = torch.arange(len(chosen)) * k_count + (chosen if cfg.rl.objective == "rsr" else 0)
     batch = {k: rows[k][pick] for k in keys}
@@ -211,14 +316,15 @@ def reseeded(batch: dict[str, torch.Tensor], update: int) -> dict[str, torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 def rsr_terms(velocity, x0_hat, x_a, x_b, t_a, t_b, gt_tokens, improved, kind: str):
-    """(next-state regression (B,), x0̂-to-GT (B,)).
+    """(next-state regression (B,), x0̂-to-GT (B,)), both per-sample `kind` regressions.
 
-    step = ‖v_θ(x_a) − (x_b − x_a)/(t_b − t_a)‖² mean over tokens, zero where not `improved`;
-    x0   = per-sample `kind` regression of x0̂ onto GT tokens.
+    step = regression of v_θ(x_a) onto (x_b − x_a)/(t_b − t_a), zero where not `improved`;
+    x0   = regression of x0̂ onto GT tokens. In log units the step term reads the same in x0 units
+    (x0 = x_a − t_a·v scales the error by t_a, a per-sample constant).
     """
     dt = (t_b - t_a).view(-1, *([1] * (x_a.dim() - 1)))
     target = (x_b - x_a) / dt
-    step = per_sample_mse(velocity, target) * improved.float()
+    step = per_sample_regression(velocity, target, kind) * improved.float()
     return step, per_sample_regression(x0_hat, gt_tokens, kind)
 
 
@@ -228,10 +334,34 @@ def grpo_terms(logp_new, logp_old, advantage, clip: float) -> torch.Tensor:
     return -torch.minimum(ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage)
 
 
+def optimality(advantage: torch.Tensor) -> torch.Tensor:
+    """nft's r ∈ [0, 1] from a group-normalised advantage: 0.5 + A/2, clipped (one spread = certain)."""
+    return (0.5 + 0.5 * advantage).clamp(0, 1)
+
+
+def nft_terms(value, target, optimal, beta: float) -> torch.Tensor:
+    """Likelihood-free policy loss on the policy's own samples, per sample (B,):
+    (r·‖v⁺ − u‖² + (1 − r)·‖v⁻ − u‖²) / ‖v_old − u‖², v^± = v_old ± β(v − v_old), v_old = v detached.
+
+    Its gradient is 2β(2r − 1)(v − u)/‖v_old − u‖²: towards the good samples, away from the bad, in the
+    log-MSE units of the other terms.
+    """
+    old = value.detach()
+    pos, neg = old + beta * (value - old), old - beta * (value - old)
+    scale = per_sample_mse(old, target) + LOG_MSE_EPS
+    return (optimal * per_sample_mse(pos, target) + (1 - optimal) * per_sample_mse(neg, target)) / scale
+
+
+def normalised_reward_loss(reward: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """−(R − mean R)/std R with the batch statistics detached: the reward gradient in spread units. (B,)"""
+    mean, std = reward.detach().mean(), reward.detach().std(unbiased=False)
+    return -(reward - mean) / (std + eps)
+
+
 def gaussian_kl(mean_p, mean_q, std) -> torch.Tensor:
-    """KL(N(mean_p, std²) ‖ N(mean_q, std²)) summed over all but the batch dim. (B,)"""
+    """KL(N(mean_p, std²) ‖ N(mean_q, std²)) per dimension (mean over all but the batch dim), as the log-probs. (B,)"""
     std = torch.as_tensor(std, dtype=mean_p.dtype).expand_as(mean_p)
-    return ((mean_p - mean_q) ** 2 / (2 * std ** 2)).flatten(1).sum(1)
+    return ((mean_p - mean_q) ** 2 / (2 * std ** 2)).flatten(1).mean(1)
 
 
 @contextmanager
@@ -252,6 +382,11 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.detach().mean())
 
 
+def row_seeds(batch: dict) -> torch.Tensor:
+    """One seed per candidate row: the input's seed mixed with the candidate index."""
+    return torch.tensor([mix_seed(int(s), int(c)) for s, c in zip(batch["seed"], batch["candidate"])])
+
+
 class RLObjective:
     """`per_sample(policy, batch)` -> (loss (B,), logs): the configured objective on a learner shard."""
 
@@ -259,9 +394,14 @@ class RLObjective:
         check_rl_config(cfg)
         self.cfg, self.codec = cfg, codec
         self.rl = cfg.rl
-        times = rl_schedule(cfg)
-        self.times = torch.tensor([times[i] for i in kept_indices(cfg)])
-        self.stochastic = stochastic_indices(cfg)
+        self.schedule = rl_schedule(cfg)
+        self.kept = kept_indices(cfg)
+        self.times = torch.tensor([self.schedule[i] for i in self.kept])
+        self.lpips = None
+        if self.rl.objective == "reward_backprop" and self.rl.reward.lpips > 0:
+            from fluxir.metrics import load_lpips
+
+            self.lpips = load_lpips(requires_grad=True)  # frozen weights, gradients to its inputs
 
     def per_sample(self, policy, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         anchor = self._anchor(policy, batch)
@@ -274,24 +414,39 @@ class RLObjective:
             step, x0 = self._rsr(policy, batch, lq_tok, ids)
             loss = self.rl.step_weight * step + self.rl.x0_weight * x0 + self.rl.fm_weight * anchor
             return loss, {"step": _mean(step), "x0": _mean(x0), "fm": _mean(anchor)}
+        if self.rl.objective == "nft":
+            nft = self._nft(policy, batch)
+            return nft + self.rl.fm_weight * anchor, {"nft": _mean(nft), "fm": _mean(anchor)}
+        if self.rl.objective == "reward_backprop":
+            reward = self._sampled_reward(policy, batch, lq_tok, ids, h, w)
+            loss = normalised_reward_loss(reward) + self.rl.fm_weight * anchor
+            return loss, {"reward": _mean(reward), "fm": _mean(anchor)}
         surrogate, kl = self._grpo(policy, batch, lq_tok, ids)
         loss = surrogate + self.rl.kl_weight * kl + self.rl.fm_weight * anchor
         return loss, {"surrogate": _mean(surrogate), "kl": _mean(kl), "fm": _mean(anchor)}
 
-    def _anchor(self, policy, batch) -> torch.Tensor:
-        """Stage-0 flow matching on the batch's (LQ, GT) with per-sample time and noise."""
-        seeds, n = batch["seed"], batch["seed"].shape[0]
+    def _fm_prediction(self, policy, batch, seeds: torch.Tensor, salt: int):
+        """The policy on the flow path from batch["gt"] to the source, at per-row times and noise."""
         z_shape = self.codec.encode(batch["gt"][:1]).shape[1:]
         t = torch.cat([sample_times(1, self.cfg.flow.t_start, self.cfg.pretrain.t_start_fraction,
-                                    row_generator(s, SALT_FM)) for s in seeds.tolist()])
+                                    row_generator(s, salt)) for s in seeds.tolist()])
         dev = batch["gt"].device  # per-row draws on the CPU (device-independent), then moved
-        fm_batch = {**batch, "t": t.to(dev), "noise": row_normal(seeds.cpu(), tuple(z_shape), SALT_FM).to(dev)}
-        pred, x0, x1 = flow_matching_prediction(policy, self.codec, self.cfg, fm_batch)
+        fm_batch = {**batch, "t": t.to(dev), "noise": row_normal(seeds.cpu(), tuple(z_shape), salt).to(dev)}
+        return flow_matching_prediction(policy, self.codec, self.cfg, fm_batch)
+
+    def _anchor(self, policy, batch) -> torch.Tensor:
+        """Stage-0 flow matching on the batch's (LQ, GT) with per-sample time and noise."""
+        pred, x0, x1 = self._fm_prediction(policy, batch, batch["seed"], SALT_FM)
         per = flow_matching_per_sample(pred, x0, x1, self.cfg.model.parametrization, self.cfg.pretrain.loss)
-        return per.view(n)
+        return per.view(batch["seed"].shape[0])
 
     def _rsr(self, policy, batch, lq_tok, ids):
-        pair = row_uniform_int(batch["seed"].cpu(), len(self.times) - 1, SALT_PAIR).to(lq_tok.device)
+        """The step term on a pair of kept states whose interval holds an explored step (pairs ending on a
+        deterministic step regress the policy onto its own old output: no signal)."""
+        mask = explored_mask(self.cfg, batch["seed"])
+        pairs = torch.stack([mask[:, a:b].any(1) for a, b in zip(self.kept, self.kept[1:])], 1)
+        pairs[~pairs.any(1)] = True  # an ODE-only row (K = 1) carries no step term; any pair will do
+        pair = pick_true(pairs, batch["seed"].cpu(), SALT_PAIR).to(lq_tok.device)
         rows = torch.arange(len(pair), device=lq_tok.device)
         x_a, x_b = batch["states"][rows, pair], batch["states"][rows, pair + 1]
         times = self.times.to(lq_tok.device)
@@ -301,21 +456,24 @@ class RLObjective:
         return rsr_terms(pred.velocity, pred.x0_hat, x_a, x_b, t_a, t_b, gt_tok, batch["improved"],
                          self.cfg.pretrain.loss)
 
-    def _grpo(self, policy, batch, lq_tok, ids):
+    def step_log_probs(self, policy, batch, lq_tok, ids):
+        """(log p_new, log p_old, step moments (mean, std), explored rows) at one random explored step per
+        candidate: the learner's recomputation beside the rollout's stored value."""
         explored = batch["candidate"] > 0
-        row_seed = torch.tensor([mix_seed(int(s), int(c)) for s, c in zip(batch["seed"], batch["candidate"])])
-        pick = torch.tensor(self.stochastic)[row_uniform_int(row_seed, len(self.stochastic), SALT_PAIR)]
-        pick = pick.to(lq_tok.device)
+        pick = pick_true(explored_mask(self.cfg, batch["seed"]), row_seeds(batch), SALT_PAIR).to(lq_tok.device)
         rows = torch.arange(len(pick), device=lq_tok.device)
         x_a, x_b = batch["states"][rows, pick], batch["states"][rows, pick + 1]
-        times = self.times.to(lq_tok.device)
-        t_a, t_b = times[pick], times[pick + 1]
+        t_a, t_b = self.times.to(lq_tok.device)[pick], self.times.to(lq_tok.device)[pick + 1]
         mu, sigma = source_mean(lq_tok, self.cfg.flow.source), source_sigma(self.cfg.flow)
         pred = policy(x_a, lq_tok, t_a, batch["task"], ids)
         mean, std = flow.stochastic_step_moments(x_a, pred.velocity, t_a, t_b, mu, sigma, self.rl.rho)
-        logp_new = flow.gaussian_log_prob(x_b, mean, std)
         logp_old = batch["log_probs"][rows, pick]
-        logp_new = torch.where(explored, logp_new, logp_old)  # ODE rows: no distribution, ratio 1, masked below
+        logp_new = torch.where(explored, flow.gaussian_log_prob(x_b, mean, std), logp_old)  # ODE rows: ratio 1
+        return logp_new, logp_old, (x_a, t_a, t_b, mu, sigma, mean, std), explored
+
+    def _grpo(self, policy, batch, lq_tok, ids):
+        logp_new, logp_old, (x_a, t_a, t_b, mu, sigma, mean, std), explored = self.step_log_probs(
+            policy, batch, lq_tok, ids)
         surrogate = grpo_terms(logp_new, logp_old, batch["advantage"], self.rl.clip) * explored.float()
         kl = torch.zeros_like(surrogate)
         if self.rl.kl_weight > 0:
@@ -324,3 +482,21 @@ class RLObjective:
             ref_mean, _ = flow.stochastic_step_moments(x_a, ref.velocity, t_a, t_b, mu, sigma, self.rl.rho)
             kl = gaussian_kl(mean, ref_mean, std) * explored.float()
         return surrogate, kl
+
+    def _nft(self, policy, batch) -> torch.Tensor:
+        """Flow matching onto each candidate's own final image at a fresh (t, ε) per row, signed by its reward."""
+        pred, x0, x1 = self._fm_prediction(policy, {**batch, "gt": batch["final"]}, row_seeds(batch), SALT_NFT)
+        if self.cfg.model.parametrization == "velocity":
+            value, target = pred.velocity, x1 - x0
+        else:
+            value, target = pred.x0_hat, x0
+        return nft_terms(value, target, optimality(batch["advantage"]), self.rl.nft_beta)
+
+    def _sampled_reward(self, policy, batch, lq_tok, ids, h, w) -> torch.Tensor:
+        """The reward of the ODE sampler's output, with gradients through every step."""
+        traj = sample_trajectory(policy, lq_tok, batch["task"], ids, self.schedule, self.cfg.flow,
+                                 x_start=_starts(lq_tok, batch["seed"], self.cfg))
+        final = self.codec.decode(unpack(traj.final, h, w)).clamp(0, 1)
+        if self.lpips is not None:
+            self.lpips.to(final.device)
+        return score(final.float(), batch["gt"].float(), self.rl.reward, self.lpips)["reward"]

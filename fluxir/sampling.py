@@ -37,11 +37,16 @@ def source_sigma(flow_cfg) -> float:
     return flow_cfg.sigma_src if flow_cfg.source == "lq" else 1.0
 
 
-def initial_state(lq_tokens, flow_cfg, generator=None) -> torch.Tensor:
-    """x at t_start: μ + σ·ε at t = 1; part-way (t_start < 1, lq source) the LQ stands in for x0."""
+def initial_state(lq_tokens, flow_cfg, generator=None, eps=None) -> torch.Tensor:
+    """x at t_start: μ + σ·ε at t = 1; part-way (t_start < 1, lq source) the LQ stands in for x0.
+
+    `eps` (B, N, C), if given, is ε (e.g. tokens cropped from a noise field tiles share); otherwise ε is
+    drawn on the CPU from `generator`.
+    """
     mu, sigma = source_mean(lq_tokens, flow_cfg.source), source_sigma(flow_cfg)
-    eps = torch.randn(lq_tokens.shape, generator=generator, dtype=lq_tokens.dtype).to(lq_tokens.device)
-    return flow.interpolate(mu, mu + sigma * eps, flow_cfg.t_start)
+    if eps is None:
+        eps = torch.randn(lq_tokens.shape, generator=generator, dtype=lq_tokens.dtype)
+    return flow.interpolate(mu, mu + sigma * eps.to(lq_tokens.device, lq_tokens.dtype), flow_cfg.t_start)
 
 
 def sample_trajectory(policy, lq_tokens, task, img_ids, schedule, flow_cfg, x_start=None, rho: float = 0.0,
@@ -73,18 +78,30 @@ def sample_trajectory(policy, lq_tokens, task, img_ids, schedule, flow_cfg, x_st
 
 
 @torch.no_grad()
-def restore(policy, codec, lq: torch.Tensor, task: torch.Tensor, schedule, flow_cfg, seed: int = 0) -> torch.Tensor:
+def restore(policy, codec, lq: torch.Tensor, task: torch.Tensor, schedule, flow_cfg, seed: int = 0,
+            eps: torch.Tensor | None = None) -> torch.Tensor:
     """Restore a batch (B, 3, H, W) in [0, 1] with the ODE sampler; returns (B, 3, H, W) in [0, 1].
 
+    `eps`, if given, is the source's standard-normal ε in latent layout, shaped like `codec.encode(lq)`
+    (`seed` then goes unused); otherwise ε is drawn over the tokens from a CPU generator seeded with `seed`.
     Runs on the policy's device (codec beside it) and returns on `lq`'s device.
     """
     device = module_device(policy)
     z = codec.encode(lq.to(device))
     h, w = z.shape[-2:]
+    if eps is not None and eps.shape != z.shape:
+        raise ValueError(f"noise {tuple(eps.shape)} does not match the latent {tuple(z.shape)}")
+    lq_tokens = pack(z)
+    x_start = None if eps is None else initial_state(lq_tokens, flow_cfg, eps=pack(eps))
     gen = torch.Generator().manual_seed(seed)
-    traj = sample_trajectory(policy, pack(z), task.to(device), image_ids(h, w, device=device), schedule, flow_cfg,
-                             generator=gen)
+    traj = sample_trajectory(policy, lq_tokens, task.to(device), image_ids(h, w, device=device), schedule, flow_cfg,
+                             x_start=x_start, generator=gen)
     return codec.decode(unpack(traj.final, h, w)).to(lq.device)
+
+
+def noise_field(shape, seed: int) -> torch.Tensor:
+    """Standard-normal ε of `shape` from a CPU generator seeded with `seed`: the same on every device."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -109,7 +126,10 @@ def restore_tiled(policy, codec, lq, task, schedule, flow_cfg, tile: int, overla
                   batch_size: int = 64) -> torch.Tensor:
     """Restore images larger than the training crop with overlapping, linearly blended tiles.
 
-    lq (B, 3, H, W) in [0, 1], H and W >= tile; tiles of one image are batched together.
+    lq (B, 3, H, W) in [0, 1], H and W >= tile; tiles of one image are batched together. Every tile
+    starts from its crop of one latent noise field per image (`noise_field` with `seed`), so overlapping
+    tiles share their source noise and blending mixes no independent draws; tile starts must therefore
+    sit on the codec's latent grid (multiples of `codec.downsample`).
     """
     b, _, h, w = lq.shape
     if not 0 <= overlap < tile:
@@ -118,11 +138,17 @@ def restore_tiled(policy, codec, lq, task, schedule, flow_cfg, tile: int, overla
         return restore(policy, codec, lq, task, schedule, flow_cfg, seed)
     if h < tile or w < tile:
         raise ValueError(f"image {h}x{w} is smaller than the tile {tile} in one dimension")
-    boxes = [(y, x) for y in _tile_starts(h, tile, overlap) for x in _tile_starts(w, tile, overlap)]
+    ds, ys, xs = codec.downsample, _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    if any(v % ds for v in [tile, *ys, *xs]):
+        raise ValueError(f"tile {tile} with overlap {overlap} on a {h}x{w} image puts tiles off the codec's "
+                         f"{ds}-pixel latent grid: tile, tile − overlap and the image size must be multiples of {ds}")
+    boxes, lt = [(y, x) for y in ys for x in xs], tile // ds
     crops = torch.stack([lq[:, :, y:y + tile, x:x + tile] for y, x in boxes], 1).flatten(0, 1)
+    eps = noise_field((b, codec.latent_channels, h // ds, w // ds), seed)
+    noise = torch.stack([eps[:, :, y // ds:y // ds + lt, x // ds:x // ds + lt] for y, x in boxes], 1).flatten(0, 1)
     tasks = task.repeat_interleave(len(boxes))
     outs = torch.cat([restore(policy, codec, crops[i:i + batch_size], tasks[i:i + batch_size], schedule, flow_cfg,
-                              seed + i) for i in range(0, len(crops), batch_size)])
+                              eps=noise[i:i + batch_size]) for i in range(0, len(crops), batch_size)])
     outs = outs.view(b, len(boxes), 3, tile, tile)
     weight = _blend_window(tile, overlap)
     acc, norm = torch.zeros_like(lq), torch.zeros(1, 1, h, w)

@@ -9,7 +9,8 @@ What it does, from `manifest.json` ("sampler") and `schedules.json` ({budget: ti
   * encode: pixels x in [0, 1] -> 2x − 1 (pixel codec) or FLUX's VAE latent (mode(E(2x − 1)) − shift)·scale;
   * pack 2×2 latent patches into tokens (FluxPipeline's order) with position ids (0, row, col);
   * start: x = (1 − t0)·μ + t0·(μ + σ·ε), μ = the LQ tokens ("lq" source) or 0 ("gaussian"), ε ~ N(0, I)
-    from torch.Generator().manual_seed(seed);
+    from torch.Generator().manual_seed(seed) (over the tokens; tiled: one latent field over the whole image,
+    cropped per tile and packed like the LQ, so overlapping tiles share their noise);
   * each step t -> s of the schedule: the transformer sees [x, LQ] concatenated on channels and the task's
     conditioning (conditioning.safetensors); x0̂ = LQ + out ("x0_residual"), its preconditioned form
     ("x0_precond", c_skip/c_out as fluxir.flow.precondition) or x − t·out ("velocity");
@@ -78,8 +79,9 @@ def position_ids(height: int, width: int, device):
 
 
 @torch.no_grad()
-def sample(model, lq_images, task: int, schedule: list[float], seed: int):
-    """The ODE sampler on one batch (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1]."""
+def sample(model, lq_images, task: int, schedule: list[float], seed: int, noise=None):
+    """The ODE sampler on one batch (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1]; `noise`, if given, is ε
+    in latent layout (B, C, H/ds, W/ds), else ε is drawn over the tokens from `seed`."""
     transformer, tokens, pooled, vae, manifest, _ = model
     s = manifest["sampler"]
     z = encode(lq_images, vae)
@@ -88,7 +90,8 @@ def sample(model, lq_images, task: int, schedule: list[float], seed: int):
     ids = position_ids(h, w, lq.device).to(lq.dtype)
     mu = lq if s["source"] == "lq" else torch.zeros_like(lq)
     sigma = s["sigma_src"] if s["source"] == "lq" else 1.0
-    eps = torch.randn(lq.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    eps = pack(noise) if noise is not None else \
+        torch.randn(lq.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     t0 = schedule[0]
     x = (1 - t0) * mu + t0 * (mu + sigma * eps.to(lq.device, lq.dtype))
     idx = task if tokens.shape[0] > 1 else 0
@@ -147,7 +150,11 @@ def restore(model, image, task: str, budget: int | None = None):
         raise ValueError(f"image {h}x{w} is smaller than the tile {tile} in one dimension")
     boxes = [(y, xx) for y in _tile_starts(H, tile, overlap) for xx in _tile_starts(W, tile, overlap)]
     crops = torch.cat([x[:, :, y:y + tile, xx:xx + tile] for y, xx in boxes])
-    outs = torch.cat([sample(model, crops[i:i + 64], task_id, schedule, s["seed"] + i)
+    ds, lt, vae = s["downsample"], tile // s["downsample"], model[3]
+    field = torch.randn(1, vae.config.latent_channels if vae is not None else 3, H // ds, W // ds,
+                        generator=torch.Generator().manual_seed(s["seed"]))
+    noise = torch.cat([field[:, :, y // ds:y // ds + lt, xx // ds:xx // ds + lt] for y, xx in boxes])
+    outs = torch.cat([sample(model, crops[i:i + 64], task_id, schedule, s["seed"], noise[i:i + 64])
                       for i in range(0, len(crops), 64)])
     acc, norm, weight = torch.zeros_like(x), torch.zeros(1, 1, H, W), _ramp(tile, overlap)
     for k, (y, xx) in enumerate(boxes):

@@ -50,8 +50,19 @@ def test_log_prob_matches_torch_normal():
     x_s, lp = flow.stochastic_step(xt, v, 0.8, 0.5, mu, 0.3, rho=0.6, generator=g)
     mean, std = flow.stochastic_step_moments(xt, v, 0.8, 0.5, mu, 0.3, 0.6)
     assert std == pytest.approx(0.5 * 0.3 * 0.6)
-    ref = torch.distributions.Normal(mean, torch.full_like(mean, std)).log_prob(x_s).flatten(1).sum(1)
-    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-3)
+    ref = torch.distributions.Normal(mean, torch.full_like(mean, std)).log_prob(x_s).flatten(1).mean(1)
+    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_log_ratio_is_per_dimension_and_does_not_grow_with_the_crop():
+    """Moving every dimension's mean by the same δ moves log r by the same amount at any crop size."""
+    std, delta = 0.025, 2e-3
+    shifts = []
+    for n in (16, 3072):
+        x = torch.zeros(1, n)
+        shifts.append(float(flow.gaussian_log_prob(x, x + delta, std) - flow.gaussian_log_prob(x, x, std)))
+    assert shifts[0] == pytest.approx(shifts[1], rel=1e-4)
+    assert shifts[1] == pytest.approx(-delta ** 2 / (2 * std ** 2), rel=1e-4)  # −0.0032: inside any PPO clip
 
 
 @pytest.mark.parametrize("rho", [0.3, 0.7, 1.0])

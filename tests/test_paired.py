@@ -1,12 +1,8 @@
-"""benchmarks/paired.py: the paired, task-stratified bootstrap behind every "A beats B" in the docs."""
-import sys
-from pathlib import Path
-
+"""fluxir.stats: the paired, task-stratified bootstrap behind every "A beats B" in the docs."""
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from paired import bootstrap, compare  # noqa: E402
+from fluxir.stats import bootstrap, compare, verdict
 
 
 def _result(values: dict[str, list[float]], nfe: int = 1) -> dict:
@@ -18,10 +14,10 @@ def test_a_constant_shift_is_found_exactly_and_noise_straddles_zero():
     rng = np.random.default_rng(0)
     base = {t: list(rng.normal(20, 2, 12)) for t in ("sr", "denoise")}
     shifted = {t: [x + 0.3 for x in v] for t, v in base.items()}
-    r = compare(_result(shifted), _result(base), 1, 1, "psnr", 2000)
+    r = compare(_result(shifted), _result(base), 1, "psnr", 1, 2000)
     assert r["mean"] == pytest.approx(0.3) and r["lo"] == pytest.approx(0.3) and r["hi"] == pytest.approx(0.3)
     noise = {t: list(np.asarray(v) + rng.normal(0, 1, 12)) for t, v in base.items()}
-    r = compare(_result(noise), _result(base), 1, 1, "psnr", 2000)
+    r = compare(_result(noise), _result(base), 1, "psnr", 1, 2000)
     assert r["lo"] < r["mean"] < r["hi"] and r["lo"] < 0.5 and r["hi"] > -0.5
 
 
@@ -31,5 +27,10 @@ def test_the_mean_is_over_tasks_not_images():
 
 
 def test_different_sets_are_refused():
-    with pytest.raises(SystemExit, match="not of the same set"):
-        compare(_result({"sr": [1.0, 2.0]}), _result({"sr": [1.0]}), 1, 1, "psnr", 10)
+    with pytest.raises(ValueError, match="not of the same set"):
+        compare(_result({"sr": [1.0, 2.0]}), _result({"sr": [1.0]}), 1, "psnr", 1, 10)
+
+
+def test_verdict_reads_the_metric_direction():
+    assert verdict(0.1, 0.3, "psnr") == "A better" and verdict(0.1, 0.3, "lpips") == "B better"
+    assert verdict(-0.3, -0.1, "lpips") == "A better" and verdict(-0.1, 0.2, "ssim") == "no difference shown"

@@ -61,7 +61,8 @@ def test_grpo_terms_by_hand():
 def test_gaussian_kl_by_hand():
     p = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
     q = torch.tensor([[0.0, 0.0], [0.0, 3.0]])
-    torch.testing.assert_close(rl.gaussian_kl(p, q, 0.5), torch.tensor([(1 + 4) / 0.5, 9 / 0.5]))
+    # per dimension (the mean over the 2 dims), in the units of the per-dimension log-probs
+    torch.testing.assert_close(rl.gaussian_kl(p, q, 0.5), torch.tensor([(1 + 4) / 0.5, 9 / 0.5]) / 2)
 
 
 def test_select_best_margin_and_ode_default():

@@ -93,7 +93,7 @@ def test_two_rank_update_equals_one_rank(ray_session, base):
     cfg = _cfg(base, "rl.batch_size=6")
     codec = build_codec(cfg)
     policy = load_policy(base / "base", cfg, token_channels(codec))
-    from actors.rl import rl_stream
+    from fluxir.rl_loop import rl_stream
     inputs = rl_stream(cfg).batch(0)
     out = rl.sample_candidates(policy, codec, inputs["lq"], inputs["task"], inputs["seed"], cfg)
     k = cfg.rl.candidates

@@ -1,12 +1,13 @@
 """Samplers: schedule handling, stochastic steps and their log-probs, tiled restore that blends exactly."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fluxir import flow
-from fluxir.codec import PixelCodec, image_ids, pack
+from fluxir.codec import PixelCodec, image_ids, pack, unpack
 from fluxir.config import load_config
-from fluxir.policy import build_policy
-from fluxir.sampling import pad_to_multiple, restore, restore_tiled, sample_trajectory
+from fluxir.policy import Prediction, build_policy
+from fluxir.sampling import initial_state, pad_to_multiple, restore, restore_tiled, sample_trajectory
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,71 @@ def test_tiles_cover_and_weights_blend(cfg, policy):
         restore_tiled(policy, PixelCodec(), lq, torch.tensor([0]), [1.0, 0.0], cfg.flow, tile=16, overlap=16)
     out = restore_tiled(policy, PixelCodec(), lq, torch.tensor([0]), [1.0, 0.0], cfg.flow, tile=16, overlap=4)
     assert out.shape == lq.shape and torch.isfinite(out).all()
+
+
+class _EchoStart(torch.nn.Module):
+    """A one-step stand-in policy whose clean estimate is its input: restore returns decode(x_start)."""
+
+    def forward(self, x, lq, t, task, ids):
+        return Prediction(torch.zeros_like(x), x)
+
+
+class _PoolCodec(torch.nn.Module):
+    """A ÷2 stand-in codec: 2×2 mean-pooled pixels in [-1, 1], decoded by nearest upsampling (no clamp)."""
+    latent_channels, downsample = 3, 2
+
+    def encode(self, images):
+        return F.avg_pool2d(images * 2 - 1, 2)
+
+    def decode(self, latents):
+        return (F.interpolate(latents, scale_factor=2) + 1) / 2
+
+
+@pytest.mark.parametrize("codec,overlap", [(PixelCodec(), 4), (PixelCodec(), 9), (_PoolCodec(), 4), (_PoolCodec(), 8)],
+                         ids=["pixel-4", "pixel-9", "pool2-4", "pool2-8"])  # pixel-9: an odd stride
+def test_tiles_share_one_noise_field(codec, overlap):
+    """Overlapping tiles start from crops of one seeded latent noise field, so an echo policy's tiled
+    output is decode(x_start) of the whole image: the same for every overlap and equal to untiled restore."""
+    flow_cfg = load_config(None, ["flow.source=lq", "flow.sigma_src=0.5", "flow.t_start=0.8"]).flow
+    lq, task = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3])
+    ds = codec.downsample
+    eps = torch.randn(2, 3, 40 // ds, 56 // ds, generator=torch.Generator().manual_seed(7))
+    mu = codec.encode(lq)
+    expected = codec.decode(flow.interpolate(mu, mu + 0.5 * eps, 0.8))
+    out = restore_tiled(_EchoStart(), codec, lq, task, [0.8, 0.0], flow_cfg, tile=16, overlap=overlap, seed=7)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    whole = restore(_EchoStart(), codec, lq, task, [0.8, 0.0], flow_cfg, eps=eps)
+    torch.testing.assert_close(out, whole, rtol=0, atol=1e-6)
+
+
+def test_tile_starts_must_sit_on_the_latent_grid():
+    flow_cfg = load_config(None, []).flow
+    lq, task = torch.rand(1, 3, 40, 40), torch.tensor([0])
+    with pytest.raises(ValueError, match="tile 16.*overlap 5"):  # stride 11 is off the ÷2 grid
+        restore_tiled(_EchoStart(), _PoolCodec(), lq, task, [1.0, 0.0], flow_cfg, tile=16, overlap=5)
+    with pytest.raises(ValueError, match="tile 16.*overlap 4"):  # the last start 41 − 16 = 25 is odd
+        restore_tiled(_EchoStart(), _PoolCodec(), torch.rand(1, 3, 41, 40), task, [1.0, 0.0], flow_cfg,
+                      tile=16, overlap=4)
+
+
+def test_untiled_restore_keeps_its_seeded_draw(cfg, policy):
+    """Without `eps`, restore draws ε over the packed tokens from a CPU generator seeded with `seed`, as before;
+    `initial_state` given that same draw as `eps` starts from the same state."""
+    lq, task, sched = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([1, 4]), \
+        flow.uniform_schedule(2)
+    tok = pack(lq * 2 - 1)
+    draw = torch.randn(tok.shape, generator=torch.Generator().manual_seed(5))
+    mu, sigma = tok, cfg.flow.sigma_src
+    x_start = flow.interpolate(mu, mu + sigma * draw, cfg.flow.t_start)
+    torch.testing.assert_close(initial_state(tok, cfg.flow, eps=draw), x_start, rtol=0, atol=0)
+    torch.testing.assert_close(initial_state(tok, cfg.flow, torch.Generator().manual_seed(5)), x_start,
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        old = sample_trajectory(policy, tok, task, image_ids(8, 8), sched, cfg.flow, x_start=x_start).final
+    expected = PixelCodec().decode(unpack(old, 8, 8))
+    assert torch.equal(restore(policy, PixelCodec(), lq, task, sched, cfg.flow, seed=5), expected)
+    assert torch.equal(restore(_EchoStart(), PixelCodec(), lq, task, [1.0, 0.0], cfg.flow, seed=5),
+                       PixelCodec().decode(unpack(x_start, 8, 8)))
 
 
 def test_pad_to_multiple():

@@ -1,0 +1,177 @@
+"""Stage-1 objectives against their controls: several seeds each, equal wall-clock, paired intervals.
+
+    python benchmarks/rl_compare.py configs/tiny.yaml [--seeds 0 1 2] [--budget-s 45] [--arms A ...]
+                                    [--splits val test] [key=value ...]
+
+Every arm starts from the same stage-0 policy (`rl.init`, default <run>/pretrain/model: run `make run`
+first), reads the same input stream and seeds (`seed=s`), and runs in one process (fluxir.rl_loop: the
+Ray system's math with a plain AdamW) for the same wall-clock: each arm's seconds per iteration are
+measured once, alone on the machine (`--calibrate` iterations after one warm-up), and every seed of it
+then runs budget / that many iterations, so later runs are not timed under whatever else the machine
+does. Each final policy is evaluated on the validation crops (where settings are chosen) and on the
+frozen test set at `eval.nfe`. Writes benchmarks/results/rl_compare.json: per arm and seed the means,
+per arm the mean ± spread over seeds, and for each objective the paired, task-stratified bootstrap
+interval of objective − control on each split, metric and NFE, with the per-seed evaluations pooled
+(crop i of seed s against crop i of the same seed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from common import RESULTS, machine  # noqa: E402  (puts the repo on sys.path)
+from fluxir.config import config_from_dict, load_config  # noqa: E402
+
+# arm -> rl overrides. Objectives first, then the controls each is judged against.
+ARMS = {
+    "rsr": {"objective": "rsr"},
+    "grpo": {"objective": "grpo"},
+    "grpo-window": {"objective": "grpo", "window": 1},  # Flow-GRPO-Fast-style branching, one explored step
+    "nft": {"objective": "nft"},
+    "fm": {"objective": "fm"},
+    "backprop": {"objective": "reward_backprop"},
+    "rsr-random": {"objective": "rsr", "shuffle_rewards": True},
+    "rsr-k1": {"objective": "rsr", "candidates": 1},
+    "grpo-shuffled": {"objective": "grpo", "shuffle_rewards": True},
+    "nft-shuffled": {"objective": "nft", "shuffle_rewards": True},
+}
+CONTROLS = {  # objective -> the controls that isolate its claim
+    "rsr": ["fm", "backprop", "rsr-random", "rsr-k1"],
+    "grpo": ["fm", "backprop", "grpo-shuffled"],
+    "grpo-window": ["fm", "backprop", "grpo-shuffled"],
+    "nft": ["fm", "backprop", "nft-shuffled"],
+}
+METRICS = ("psnr", "ssim", "lpips")
+
+
+def arm_config(base, arm: str, seed: int, iterations: int):
+    tree = base.model_dump(mode="json")
+    tree["seed"] = seed
+    tree["rl"].update(ARMS[arm], iterations=iterations, max_seconds=None)
+    tree["wandb"]["mode"] = "disabled"
+    return config_from_dict(tree, f"rl_compare arm {arm}")
+
+
+def fresh_loop(cfg):
+    from fluxir.codec import build_codec
+    from fluxir.policy import load_policy
+    from fluxir.pretrain import token_channels
+    from fluxir.rl import init_dir
+    from fluxir.rl_loop import LocalRL
+
+    codec = build_codec(cfg)
+    return LocalRL(cfg, load_policy(init_dir(cfg), cfg, token_channels(codec)), codec)
+
+
+def seconds_per_iteration(cfg, iterations: int) -> float:
+    loop = fresh_loop(cfg)
+    loop.iteration(0)  # warm-up
+    return statistics.median(loop.iteration(i)["iteration_s"] for i in range(1, iterations + 1))
+
+
+def train_and_evaluate(cfg, sets: dict, lpips_net) -> tuple[dict, dict]:
+    from fluxir.evaluate import evaluate
+
+    loop, history = fresh_loop(cfg), []
+    for it in range(cfg.rl.iterations):
+        history.append(loop.iteration(it))
+    evals = {split: evaluate(loop.policy, loop.codec, s, cfg, cfg.eval.nfe, lpips_net) for split, s in sets.items()}
+    for e in evals.values():
+        e.pop("images", None)
+    keep = ("gap", "improved_fraction", "reward_mean", "ode_reward", "loss")
+    last = history[-min(10, len(history)):]
+    return evals, {k: statistics.mean(h[k] for h in last) for k in keep if k in last[0]}
+
+
+def mean_over_tasks(result: dict, metric: str, nfe: int) -> float:
+    return statistics.mean(e["nfe"][nfe][metric] for e in result["tasks"].values())
+
+
+def pooled(evals_a: list[dict], evals_b: list[dict], nfe: int, metric: str) -> dict:
+    """A − B over all seeds' crops paired (seed s of A against seed s of B), task-stratified bootstrap."""
+    from fluxir.stats import bootstrap, paired_diffs, verdict
+
+    diffs: dict[str, list] = {}
+    for a, b in zip(evals_a, evals_b):
+        for task, d in paired_diffs(a, b, nfe, metric).items():
+            diffs.setdefault(task, []).append(d)
+    mean, lo, hi = bootstrap({t: np.concatenate(v) for t, v in diffs.items()})
+    return {"mean": mean, "lo": lo, "hi": hi, "verdict": verdict(lo, hi, metric)}
+
+
+def summarise(runs: dict, nfes: list[int]) -> dict:
+    """Per arm and split: mean ± spread over seeds of each metric's mean over tasks; per objective and
+    control: the pooled paired interval."""
+    out = {"arms": {}, "versus": {}}
+    for arm, seeds in runs.items():
+        out["arms"][arm] = {split: {f"{m}@{n}": {"mean": statistics.mean(v), "sd": statistics.pstdev(v)}
+                                    for m in METRICS for n in nfes
+                                    for v in [[mean_over_tasks(r["evals"][split], m, n) for r in seeds.values()]]}
+                            for split in next(iter(seeds.values()))["evals"]}
+    for objective, controls in CONTROLS.items():
+        for control in controls:
+            if objective not in runs or control not in runs:
+                continue
+            seeds = sorted(set(runs[objective]) & set(runs[control]))
+            splits = runs[objective][seeds[0]]["evals"]
+            out["versus"][f"{objective} - {control}"] = {
+                split: {f"{m}@{n}": pooled([runs[objective][s]["evals"][split] for s in seeds],
+                                           [runs[control][s]["evals"][split] for s in seeds], n, m)
+                        for m in METRICS for n in nfes} for split in splits}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget-s", type=float, default=45.0)
+    parser.add_argument("--calibrate", type=int, default=3)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test", "heldout"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "rl_compare.json"))
+    args = parser.parse_args()
+    from fluxir.data import evaluation_set
+    from fluxir.evaluate import lpips_or_reason
+
+    torch.set_num_threads(args.threads)
+    base = load_config(args.config, args.overrides)
+    sets = {split: evaluation_set(base, split) for split in args.splits}
+    lpips_net, _ = lpips_or_reason(True)
+    result = {"command": "python benchmarks/rl_compare.py " + " ".join(sys.argv[1:]), "machine": machine(),
+              "budget_s": args.budget_s, "threads": args.threads, "reward": base.rl.reward.model_dump(),
+              "rl": {k: v for k, v in base.rl.model_dump().items() if k in ("candidates", "nfe", "rho", "batch_size",
+                                                                            "lr", "updates_per_rollout")},
+              "calibration": {}, "runs": {}}
+    for arm in args.arms:
+        sec = seconds_per_iteration(arm_config(base, arm, args.seeds[0], 1), args.calibrate)
+        result["calibration"][arm] = {"seconds_per_iteration": sec, "iterations": max(1, round(args.budget_s / sec))}
+        print(f"{arm:14s} {sec:.3f} s/iteration -> {result['calibration'][arm]['iterations']} iterations", flush=True)
+    for seed in args.seeds:
+        for arm in args.arms:
+            t0 = time.perf_counter()
+            cfg = arm_config(base, arm, seed, result["calibration"][arm]["iterations"])
+            evals, train = train_and_evaluate(cfg, sets, lpips_net)
+            result["runs"].setdefault(arm, {})[seed] = {"evals": evals, "train": train,
+                                                        "seconds": time.perf_counter() - t0}
+            line = "  ".join(f"{split} LPIPS@{n} {mean_over_tasks(e, 'lpips', n):.4f} PSNR@{n} "
+                             f"{mean_over_tasks(e, 'psnr', n):.2f}" for split, e in evals.items() for n in (1, 4)
+                             if n in e["nfe"])
+            print(f"seed {seed} {arm:14s} {time.perf_counter() - t0:5.0f} s  {line}", flush=True)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump({**result, "summary": summarise(result["runs"], base.eval.nfe)}, f, indent=1)
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Stage 1 in one process: the Ray system's rollouts, rewards, learner batch and objective, with a plain
+AdamW in place of the DeepSpeed engine (the optimizer settings of `rl.deepspeed`).
+
+Benchmarks use it to compare objectives and controls over many seeds without starting actors; the
+product runs stage 1 on Ray (actors/rl.py), and `benchmarks/rl_throughput.py` measures both.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fluxir import rl
+from fluxir.data import mix_seed, train_stream
+
+
+def rl_stream(cfg):
+    """Stage 1's input stream (the iteration is the cursor): the same for every objective and control."""
+    return train_stream(cfg, batch_size=cfg.rl.batch_size, seed=mix_seed(cfg.seed, 1))
+
+
+def deepspeed_optimizer(cfg, params) -> tuple[torch.optim.Optimizer, float]:
+    """AdamW with `rl.deepspeed`'s betas, eps and weight decay at `rl.lr`, and its gradient clipping."""
+    ds = json.loads(Path(cfg.rl.deepspeed).read_text())
+    p = ds["optimizer"]["params"]
+    opt = torch.optim.AdamW(params, lr=cfg.rl.lr, betas=tuple(p["betas"]), eps=p["eps"],
+                            weight_decay=p["weight_decay"])
+    return opt, float(ds.get("gradient_clipping", 0.0))
+
+
+class LocalRL:
+    """`iteration(it)`: rollout → score → learner batch → `rl.updates_per_rollout` AdamW steps, in this process."""
+
+    def __init__(self, cfg, policy, codec):
+        from fluxir.metrics import load_lpips
+
+        self.cfg, self.policy, self.codec = cfg, policy.train(), codec
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.opt, self.clip = deepspeed_optimizer(cfg, self.params)
+        self.objective, self.stream = rl.RLObjective(cfg, codec), rl_stream(cfg)
+        reads_rewards = cfg.rl.objective in rl.REWARD_OBJECTIVES
+        self.lpips = load_lpips() if reads_rewards and cfg.rl.reward.lpips > 0 else None
+
+    def rollout_rows(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """Scored candidate rows, keyed as the Ray path's `rollouts.to_tensors`."""
+        k = self.cfg.rl.candidates
+        out = rl.sample_candidates(self.policy, self.codec, inputs["lq"], inputs["task"], inputs["seed"], self.cfg)
+        rows = {key: v.repeat_interleave(k, 0) for key, v in inputs.items()} | out
+        with torch.no_grad():
+            rows |= rl.score(out["final"], rows["gt"], self.cfg.rl.reward, self.lpips)
+        return rows
+
+    def iteration(self, it: int) -> dict:
+        t0 = time.perf_counter()
+        inputs, stats = self.stream.batch(it), {}
+        batch = inputs
+        if self.cfg.rl.objective in rl.REWARD_OBJECTIVES:
+            batch, stats = rl.learner_batch(self.rollout_rows(inputs), self.cfg)
+        t1 = time.perf_counter()
+        for update in range(self.cfg.rl.updates_per_rollout):  # as the controller: fresh states/noise each
+            per, logs = self.objective.per_sample(self.policy, rl.reseeded(batch, update))
+            loss = per.mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite RL loss at iteration {it} ({logs}); no update applied")
+            self.opt.zero_grad()
+            loss.backward()
+            if self.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            self.opt.step()
+        t2 = time.perf_counter()
+        return {"iteration": it + 1, **stats, **logs, "loss": float(loss), "rollout_s": t1 - t0, "learn_s": t2 - t1,
+                "iteration_s": t2 - t0}
