@@ -1,7 +1,7 @@
 """What a run reports while it runs: Ray metrics (dashboard / Prometheus) and wandb (offline by default).
 
 Ray metric names (Prometheus adds Ray's `ray_` prefix), each tagged with `stage`:
-  stage 1 (rl, rl-control, rl-k1), from the RL controller:
+  stage 1 (rl and its controls rl-fm, rl-shuffled, rl-k1, rl-backprop), from the RL controller:
     fluxir_rollouts_total            candidate trajectories sampled (counter)
     fluxir_skipped_inputs_total      inputs dropped for a non-finite reward (counter)
     fluxir_actor_restarts_total      work re-issued after an actor died (counter)

@@ -6,7 +6,7 @@
 Every arm starts from the same stage-0 policy (`rl.init`, default <run>/pretrain/model: run `make run`
 first), reads the same input stream and seeds (`seed=s`), and runs in one process (fluxir.rl_loop: the
 Ray system's math with a plain AdamW) for the same wall-clock: each arm's seconds per iteration are
-measured once, alone on the machine (`--calibrate` iterations after one warm-up), and every seed of it
+measured once (the fastest of `--calibrate` iterations after one warm-up, alone on the machine), and every seed of it
 then runs budget / that many iterations, so later runs are not timed under whatever else the machine
 does. Each final policy is evaluated on the validation crops (where settings are chosen) and on the
 frozen test set at `eval.nfe`. Writes benchmarks/results/rl_compare.json: per arm and seed the means,
@@ -30,6 +30,7 @@ from fluxir.config import config_from_dict, load_config  # noqa: E402
 
 # arm -> rl overrides. Objectives first, then the controls each is judged against.
 ARMS = {
+    "base": {},  # the stage-0 policy itself (no iteration)
     "rsr": {"objective": "rsr"},
     "grpo": {"objective": "grpo"},
     "grpo-window": {"objective": "grpo", "window": 1},  # Flow-GRPO-Fast-style branching, one explored step
@@ -41,11 +42,11 @@ ARMS = {
     "grpo-shuffled": {"objective": "grpo", "shuffle_rewards": True},
     "nft-shuffled": {"objective": "nft", "shuffle_rewards": True},
 }
-CONTROLS = {  # objective -> the controls that isolate its claim
-    "rsr": ["fm", "backprop", "rsr-random", "rsr-k1"],
-    "grpo": ["fm", "backprop", "grpo-shuffled"],
-    "grpo-window": ["fm", "backprop", "grpo-shuffled"],
-    "nft": ["fm", "backprop", "nft-shuffled"],
+CONTROLS = {  # objective -> the controls that isolate its claim (and the base it started from)
+    "rsr": ["base", "fm", "backprop", "rsr-random", "rsr-k1"],
+    "grpo": ["base", "fm", "backprop", "grpo-shuffled"],
+    "grpo-window": ["base", "fm", "backprop", "grpo-shuffled"],
+    "nft": ["base", "fm", "backprop", "nft-shuffled"],
 }
 METRICS = ("psnr", "ssim", "lpips")
 
@@ -53,7 +54,7 @@ METRICS = ("psnr", "ssim", "lpips")
 def arm_config(base, arm: str, seed: int, iterations: int):
     tree = base.model_dump(mode="json")
     tree["seed"] = seed
-    tree["rl"].update(ARMS[arm], iterations=iterations, max_seconds=None)
+    tree["rl"].update(ARMS[arm], iterations=max(iterations, 1), max_seconds=None)
     tree["wandb"]["mode"] = "disabled"
     return config_from_dict(tree, f"rl_compare arm {arm}")
 
@@ -72,21 +73,21 @@ def fresh_loop(cfg):
 def seconds_per_iteration(cfg, iterations: int) -> float:
     loop = fresh_loop(cfg)
     loop.iteration(0)  # warm-up
-    return statistics.median(loop.iteration(i)["iteration_s"] for i in range(1, iterations + 1))
+    return min(loop.iteration(i)["iteration_s"] for i in range(1, iterations + 1))  # robust to a busy moment
 
 
-def train_and_evaluate(cfg, sets: dict, lpips_net) -> tuple[dict, dict]:
+def train_and_evaluate(cfg, iterations: int, sets: dict, lpips_net) -> tuple[dict, dict]:
     from fluxir.evaluate import evaluate
 
     loop, history = fresh_loop(cfg), []
-    for it in range(cfg.rl.iterations):
+    for it in range(iterations):
         history.append(loop.iteration(it))
     evals = {split: evaluate(loop.policy, loop.codec, s, cfg, cfg.eval.nfe, lpips_net) for split, s in sets.items()}
     for e in evals.values():
         e.pop("images", None)
     keep = ("gap", "improved_fraction", "reward_mean", "ode_reward", "loss")
     last = history[-min(10, len(history)):]
-    return evals, {k: statistics.mean(h[k] for h in last) for k in keep if k in last[0]}
+    return evals, {k: statistics.mean(h[k] for h in last) for k in keep if last and k in last[0]}
 
 
 def mean_over_tasks(result: dict, metric: str, nfe: int) -> float:
@@ -152,14 +153,20 @@ def main() -> int:
                                                                             "lr", "updates_per_rollout")},
               "calibration": {}, "runs": {}}
     for arm in args.arms:
+        if arm == "base":
+            result["calibration"][arm] = {"seconds_per_iteration": 0.0, "iterations": 0}
+            continue
         sec = seconds_per_iteration(arm_config(base, arm, args.seeds[0], 1), args.calibrate)
         result["calibration"][arm] = {"seconds_per_iteration": sec, "iterations": max(1, round(args.budget_s / sec))}
         print(f"{arm:14s} {sec:.3f} s/iteration -> {result['calibration'][arm]['iterations']} iterations", flush=True)
     for seed in args.seeds:
         for arm in args.arms:
             t0 = time.perf_counter()
-            cfg = arm_config(base, arm, seed, result["calibration"][arm]["iterations"])
-            evals, train = train_and_evaluate(cfg, sets, lpips_net)
+            if arm == "base" and result["runs"].get("base"):  # the start policy does not depend on the seed
+                result["runs"]["base"][seed] = next(iter(result["runs"]["base"].values()))
+                continue
+            iterations = result["calibration"][arm]["iterations"]
+            evals, train = train_and_evaluate(arm_config(base, arm, seed, iterations), iterations, sets, lpips_net)
             result["runs"].setdefault(arm, {})[seed] = {"evals": evals, "train": train,
                                                         "seconds": time.perf_counter() - t0}
             line = "  ".join(f"{split} LPIPS@{n} {mean_over_tasks(e, 'lpips', n):.4f} PSNR@{n} "

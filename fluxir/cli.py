@@ -351,7 +351,7 @@ def cmd_run(args) -> int:
     trained = run_pretrain(cfg)
     print(f"[2/5] evaluating the stage-0 base on the frozen test set at NFE {cfg.eval.nfe}")
     base, testset = _evaluate(cfg, Path(trained["model_dir"]), None, keep_images=False)
-    controls = " with its equal-time control and K=1 ablation" if cfg.rl.controls else ""
+    controls = " with its equal-time controls" if cfg.rl.controls else ""
     print(f"[3/5] stage 1: RL ({cfg.rl.objective}, {cfg.rl.iterations} iterations){controls}")
     rl_text, evals = _stage1(cfg, command, base_eval=base)
     final = evals["rl"]

@@ -249,7 +249,7 @@ class RLConfig(Strict):
     nfe: int = Field(4, ge=1)
     schedule: Literal["uniform", "shifted"] = "uniform"
     shift: float = Field(1.0, gt=0)
-    rho: float = Field(1.0, ge=0, le=1)
+    rho: float = Field(1.0, ge=0, le=4)  # exploration: ≤ 1 keeps the path's marginal, > 1 adds more noise
     stochastic_steps: list[int] | None = None  # step indices explored (default: all but the last)
     # Branching: the modulated candidates follow the ODE trajectory up to a per-input branch step and
     # explore `window` consecutive steps from there (ODE after it); the learner trains only those steps.
@@ -287,7 +287,7 @@ class RLConfig(Strict):
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     write_rollouts: bool = False  # Parquet per iteration under <run>/<stage>/rollouts
-    controls: bool = False  # `fluxir run`: also the equal-time control (fm) and K=1 ablation
+    controls: bool = False  # `fluxir run`: also the equal-wall-clock controls (actors/stages.py)
 
     @model_validator(mode="after")
     def _check(self) -> "RLConfig":

@@ -62,11 +62,13 @@ def stochastic_step_moments(x_t, velocity, t, s, mu, sigma: float, rho: float):
     """Mean and std of the modulated step t → s.
 
     Source x1 = μ + σ·ε; ε̂ = (x1̂ − μ)/σ; x_s = (1−s)·x0̂ + s·(μ + σ·(√(1−ρ²)·ε̂ + ρ·z)).
-    Only the noise part of the source is refreshed, so the path's marginal is kept.
+    For ρ ≤ 1 only the noise part of the source is refreshed, so the path's marginal is kept; ρ > 1
+    drops ε̂ and adds ρ times the source's noise (wider exploration, off the path's marginal).
     """
     s_b = _bcast(s, x_t)
     eps_hat = (x1_hat(x_t, velocity, t) - mu) / sigma
-    mean = (1 - s_b) * x0_hat(x_t, velocity, t) + s_b * (mu + sigma * math.sqrt(1 - rho ** 2) * eps_hat)
+    keep = math.sqrt(max(0.0, 1 - rho ** 2))
+    mean = (1 - s_b) * x0_hat(x_t, velocity, t) + s_b * (mu + sigma * keep * eps_hat)
     std = s_b * sigma * rho
     return mean, std
 

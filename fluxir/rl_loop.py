@@ -70,5 +70,5 @@ class LocalRL:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip)
             self.opt.step()
         t2 = time.perf_counter()
-        return {"iteration": it + 1, **stats, **logs, "loss": float(loss), "rollout_s": t1 - t0, "learn_s": t2 - t1,
+        return {"iteration": it + 1, **stats, **logs, "loss": float(loss.detach()), "rollout_s": t1 - t0, "learn_s": t2 - t1,
                 "iteration_s": t2 - t0}

@@ -156,17 +156,26 @@ def test_candidates_ode_row_is_the_plain_ode(policy_and_codec):
     torch.testing.assert_close(again["states"], out["states"], rtol=0, atol=0)  # seeded per row
 
 
-@pytest.mark.parametrize("objective,k", [("rsr", 3), ("rsr", 1), ("grpo", 3), ("fm", 1)])
-def test_objective_is_finite_and_differentiable(policy_and_codec, objective, k):
-    policy, codec = policy_and_codec
-    cfg = smoke(f"rl.candidates={k}", f"rl.objective={objective}", "rl.nfe=3")
+def _scored_rows(policy, codec, cfg, reward=None):
+    """Candidate rows of `_inputs()` with GT = the flipped LQ and a fixed (or given) reward."""
+    k = cfg.rl.candidates
     lq, task, seeds = _inputs()
-    gt = lq.flip(-1)
     out = rl.sample_candidates(policy, codec, lq, task, seeds, cfg)
     rep = lambda x: x.repeat_interleave(k, 0)  # noqa: E731
-    rows = {"input": rep(torch.arange(3)), "task": rep(task), "seed": rep(seeds), "lq": rep(lq), "gt": rep(gt),
-            "reward": -torch.arange(3 * k, dtype=torch.float32) % 5, **out}
-    batch, _ = rl.learner_batch(rows, cfg)
+    reward = -torch.arange(3 * k, dtype=torch.float32) % 5 if reward is None else reward
+    return {"input": rep(torch.arange(3)), "task": rep(task), "seed": rep(seeds), "lq": rep(lq),
+            "gt": rep(lq.flip(-1)), "reward": reward, **out}
+
+
+@pytest.mark.parametrize("objective,k,extra", [("rsr", 3, ()), ("rsr", 1, ()), ("grpo", 3, ()), ("fm", 1, ()),
+                                               ("grpo", 3, ("rl.window=1",)), ("nft", 3, ()),
+                                               ("reward_backprop", 1, ("rl.reward.ssim=1",)),
+                                               ("rsr", 3, ("rl.shuffle_rewards=true",))])
+def test_objective_is_finite_and_differentiable(policy_and_codec, objective, k, extra):
+    policy, codec = policy_and_codec
+    cfg = smoke(f"rl.candidates={k}", f"rl.objective={objective}", "rl.nfe=3", *extra)
+    rows = _scored_rows(policy, codec, cfg)
+    batch = rows if objective in ("fm", "reward_backprop") else rl.learner_batch(rows, cfg)[0]
     per, logs = rl.RLObjective(cfg, codec).per_sample(policy, batch)
     assert per.shape == (len(batch["seed"]),) and torch.isfinite(per).all()
     policy.zero_grad()
@@ -174,6 +183,105 @@ def test_objective_is_finite_and_differentiable(policy_and_codec, objective, k):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
     if objective == "rsr" and k == 1:
         assert logs["step"] == 0.0  # no selection without candidates
+
+
+# ---------------------------------------------------------------------------------------------
+# Contracts between the rollout and the learner
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("window", [None, 1])
+def test_stored_log_probs_equal_the_learners_recomputation(policy_and_codec, dtype, window):
+    """Same weights, same states: the learner's log-prob of each explored step is the rollout's, so the
+    PPO ratio of the first update on a rollout is exactly 1."""
+    import copy
+
+    from fluxir.accel import place
+    from fluxir.codec import image_ids, pack
+    policy, codec = policy_and_codec
+    policy = copy.deepcopy(policy)
+    place(policy, dtype, "cpu")
+    cfg = smoke("rl.candidates=3", "rl.objective=grpo", "rl.nfe=4", f"model.dtype={dtype}",
+                *([f"rl.window={window}"] if window else []))
+    batch, _ = rl.learner_batch(_scored_rows(policy, codec, cfg), cfg)
+    lq_tok = pack(codec.encode(batch["lq"]))
+    with torch.no_grad():
+        logp_new, logp_old, _, explored = rl.RLObjective(cfg, codec).step_log_probs(policy, batch, lq_tok,
+                                                                                    image_ids(16, 16))
+    assert explored.sum() == 6 and (logp_old[explored] != 0).all()  # a real log-prob was stored and picked
+    torch.testing.assert_close(logp_new, logp_old, rtol=0, atol=1e-5)
+    ratio = torch.exp(logp_new - logp_old)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+
+
+def test_kl_is_zero_while_the_adapter_is_at_its_initialisation():
+    cfg = smoke("model.lora.enabled=true", "rl.objective=grpo", "rl.kl_weight=1", "rl.nfe=3")
+    codec = build_codec(cfg)
+    torch.manual_seed(0)
+    policy = build_policy(cfg, token_channels(codec))  # LoRA B = 0: the adapted policy is the base
+    batch, _ = rl.learner_batch(_scored_rows(policy, codec, cfg), cfg)
+    objective = rl.RLObjective(cfg, codec)
+    _, logs = objective.per_sample(policy, batch)
+    assert logs["kl"] == 0.0
+    with torch.no_grad():  # and it is not zero by construction: a moved adapter gives a positive KL
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    _, logs = objective.per_sample(policy, batch)
+    assert logs["kl"] > 0
+
+
+def test_a_window_branches_off_the_ode_and_explores_only_its_steps(policy_and_codec):
+    policy, codec = policy_and_codec
+    cfg = smoke("rl.candidates=3", "rl.nfe=4", "rl.window=1", "rl.objective=grpo")
+    lq, task, seeds = _inputs()
+    out = rl.sample_candidates(policy, codec, lq, task, seeds, cfg)
+    branch = rl.branch_steps(cfg, seeds)
+    assert set(branch.tolist()) <= {0, 1, 2}
+    states, log_probs = out["states"].view(3, 3, 5, *out["states"].shape[2:]), out["log_probs"].view(3, 3, 4)
+    for b, start in enumerate(branch.tolist()):
+        for j in (1, 2):
+            torch.testing.assert_close(states[b, j, :start + 1], states[b, 0, :start + 1], rtol=0, atol=0)
+            assert not torch.equal(states[b, j, start + 1], states[b, 0, start + 1])
+            assert [bool(x != 0) for x in log_probs[b, j]] == [i == start for i in range(4)]
+    with pytest.raises(ValueError, match="rl.window=3"):
+        rl.check_rl_config(smoke("rl.candidates=3", "rl.nfe=3", "rl.window=3"))
+
+
+def test_rsr_regresses_only_pairs_that_hold_an_explored_step(policy_and_codec):
+    """The last step lands on x0̂ deterministically: a pair ending there would regress the policy onto its
+    own old output, so it is never picked."""
+    cfg = smoke("rl.candidates=3", "rl.nfe=3")
+    mask = rl.explored_mask(cfg, torch.arange(200))
+    pairs = torch.stack([mask[:, a:b].any(1) for a, b in zip(rl.kept_indices(cfg), rl.kept_indices(cfg)[1:])], 1)
+    picked = rl.pick_true(pairs, torch.arange(200), rl.SALT_PAIR)
+    assert set(picked.tolist()) == {0, 1}
+
+
+def test_shuffled_rewards_are_a_permutation_within_each_group():
+    reward = torch.arange(12, dtype=torch.float32)
+    shuffled = rl.shuffled_within_groups(reward, torch.tensor([1, 2, 3]), 4)
+    for g in range(3):
+        assert sorted(shuffled[4 * g:4 * g + 4].tolist()) == reward[4 * g:4 * g + 4].tolist()
+    assert not torch.equal(shuffled, reward)
+    torch.testing.assert_close(shuffled, rl.shuffled_within_groups(reward, torch.tensor([1, 2, 3]), 4))
+
+
+def test_nft_gradient_is_signed_by_the_optimality():
+    """d/dv of the nft loss is 2β(2r − 1)(v − u)/‖v − u‖²·(1/D): towards good samples, away from bad."""
+    u = torch.zeros(2, 1, 2)
+    v = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]], requires_grad=True)
+    r = torch.tensor([1.0, 0.0])
+    rl.nft_terms(v, u, r, beta=0.5).sum().backward()
+    mse = 0.5  # mean((1, 0)²)
+    expected = 2 * 0.5 * (2 * r - 1)[:, None, None] * (v.detach() - u) / 2 / mse  # /2: mean over 2 dims
+    torch.testing.assert_close(v.grad, expected)
+    assert rl.optimality(torch.tensor([-3.0, 0.0, 0.5, 3.0])).tolist() == [0.0, 0.5, 0.75, 1.0]
+
+
+def test_lpips_reward_sees_at_least_64_px():
+    x = torch.rand(2, 3, 32, 32)
+    assert rl.at_least(x, 64).shape == (2, 3, 64, 64) and rl.at_least(x, 32) is x
 
 
 # ---------------------------------------------------------------------------------------------

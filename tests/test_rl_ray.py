@@ -155,17 +155,20 @@ print("FINAL", out["version"], out["iterations"], flush=True)
 """
 
 
-@pytest.mark.slow  # SIGKILLs a driver and resumes it: ~70 s; CI runs it (`make test-slow`)
-def test_driver_sigkill_then_resume(ray_session, base, tmp_path):
+@pytest.mark.slow  # SIGKILLs a driver and resumes it: ~70 s each; CI runs them (`make test-slow`)
+@pytest.mark.parametrize("objective", [["rl.objective=grpo"], ["rl.objective=grpo", "rl.window=1", "rl.nfe=3"],
+                                       ["rl.objective=nft"], ["rl.objective=reward_backprop", "rl.reward.ssim=1"]],
+                         ids=["grpo", "grpo-window", "nft", "reward_backprop"])
+def test_driver_sigkill_then_resume(ray_session, base, objective, tmp_path):
     """SIGKILL the driver after a checkpoint; the rerun resumes and reaches the same final version."""
     address = ray_session.get_runtime_context().gcs_address
-    overrides = [f"output_dir={base}", f"rl.init={base / 'base'}", "wandb.mode=disabled", f"ray.address={address}",
+    overrides = [f"output_dir={tmp_path}", f"rl.init={base / 'base'}", "wandb.mode=disabled", f"ray.address={address}",
                  "rl.iterations=12", "rl.checkpoint_every=2", "rl.keep_checkpoints=2",
                  "rl.num_rollout_actors=1", "rl.num_learners=1",  # one of each: this test is about the driver
-                 "rl.objective=grpo"]  # and runs the grpo objective end to end
+                 *objective]  # and runs that objective end to end
     cmd = [sys.executable, "-c", DRIVER, str(ROOT / "configs/smoke.yaml"), *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ckpts = base / "smoke" / "sigkill" / "checkpoints"
+    ckpts = tmp_path / "smoke" / "sigkill" / "checkpoints"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not (ckpts / "iter_00000002").exists():
