@@ -2,13 +2,14 @@
 
     python benchmarks/rl_compare.py configs/tiny.yaml [--seeds 0 1 2] [--budget-s 45] [--arms A ...]
                                     [--splits val test] [key=value ...]
+    python benchmarks/rl_compare.py --table benchmarks/results/rl_compare.json   # the docs' tables
 
 Every arm starts from the same stage-0 policy (`rl.init`, default <run>/pretrain/model: run `make run`
 first), reads the same input stream and seeds (`seed=s`), and runs in one process (fluxir.rl_loop: the
 Ray system's math with a plain AdamW) for the same wall-clock: each arm's seconds per iteration are
 measured once (the fastest of `--calibrate` iterations after one warm-up, alone on the machine), and every seed of it
 then runs budget / that many iterations, so later runs are not timed under whatever else the machine
-does. Each final policy is evaluated on the validation crops (where settings are chosen) and on the
+does. A shuffled-reward control does exactly its objective's work and runs its iteration count. Each final policy is evaluated on the validation crops (where settings are chosen) and on the
 frozen test set at `eval.nfe`. Writes benchmarks/results/rl_compare.json: per arm and seed the means,
 per arm the mean ± spread over seeds, and for each objective the paired, task-stratified bootstrap
 interval of objective − control on each split, metric and NFE, with the per-seed evaluations pooled
@@ -42,6 +43,7 @@ ARMS = {
     "grpo-shuffled": {"objective": "grpo", "shuffle_rewards": True},
     "nft-shuffled": {"objective": "nft", "shuffle_rewards": True},
 }
+SAME_COMPUTE = {"rsr-random": "rsr", "grpo-shuffled": "grpo", "nft-shuffled": "nft"}  # identical work per iteration
 CONTROLS = {  # objective -> the controls that isolate its claim (and the base it started from)
     "rsr": ["base", "fm", "backprop", "rsr-random", "rsr-k1"],
     "grpo": ["base", "fm", "backprop", "grpo-shuffled"],
@@ -128,7 +130,35 @@ def summarise(runs: dict, nfes: list[int]) -> dict:
     return out
 
 
+def markdown(result: dict, split: str = "test") -> str:
+    """The tables docs/BENCHMARKS.md quotes: every arm's mean ± spread over seeds, then each objective
+    minus each of its controls (pooled paired 95 % intervals) on the reward's metric and on PSNR."""
+    summary, nfes = result["summary"], sorted({int(k.split("@")[1]) for k in
+                                                next(iter(result["summary"]["arms"].values()))[split]})
+    cols = [(m, n) for m in METRICS for n in nfes]
+    lines = ["| arm | iterations | " + " | ".join(f"{m.upper()}@{n}" for m, n in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for arm, by_split in summary["arms"].items():
+        cells = [f"{v['mean']:.4f} ± {v['sd']:.4f}" if m != "psnr" else f"{v['mean']:.2f} ± {v['sd']:.2f}"
+                 for m, n in cols for v in [by_split[split][f"{m}@{n}"]]]
+        lines.append(f"| {arm} | {result['calibration'][arm]['iterations']} | " + " | ".join(cells) + " |")
+    pairs = [("lpips", n) for n in nfes] + [("psnr", n) for n in nfes]
+    lines += ["", "| objective − control | " + " | ".join(f"{m.upper()}@{n}" for m, n in pairs) + " |",
+              "|---|" + "---:|" * len(pairs)]
+    for name, by_split in summary["versus"].items():
+        cells = []
+        for m, n in pairs:
+            v = by_split[split][f"{m}@{n}"]
+            mark = {"A better": " ✓", "B better": " ✗"}.get(v["verdict"], "")
+            cells.append(f"{v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]{mark}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(markdown(json.loads(open(sys.argv[2]).read())))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
@@ -155,6 +185,9 @@ def main() -> int:
     for arm in args.arms:
         if arm == "base":
             result["calibration"][arm] = {"seconds_per_iteration": 0.0, "iterations": 0}
+            continue
+        if SAME_COMPUTE.get(arm) in result["calibration"]:  # shuffling rewards changes no work: its objective's count
+            result["calibration"][arm] = {**result["calibration"][SAME_COMPUTE[arm]], "same_as": SAME_COMPUTE[arm]}
             continue
         sec = seconds_per_iteration(arm_config(base, arm, args.seeds[0], 1), args.calibrate)
         result["calibration"][arm] = {"seconds_per_iteration": sec, "iterations": max(1, round(args.budget_s / sec))}

@@ -22,3 +22,33 @@ def test_lower_is_better_for_lpips():
     assert wins(_result(), 4, "lpips") == ["sr"]
     assert wins(_result(), 1, "psnr") == ["sr", "denoise"]
     assert wins(_result(), 4, "psnr") == ["denoise"]
+
+
+def _per_image_eval(shift: float) -> dict:
+    values = {"sr": [20.0, 21.0, 22.0], "denoise": [25.0, 24.0, 26.0]}
+    return {"nfe": [1], "tasks": {t: {"nfe": {1: {"per_image": {"psnr": [x + shift for x in v]}}}}
+                                  for t, v in values.items()}}
+
+
+def test_paired_table_gives_the_interval_and_the_verdict():
+    from fluxir.report import paired_table
+
+    table = paired_table({"rl": _per_image_eval(0.5), "rl-fm": _per_image_eval(0.0), "base": _per_image_eval(0.5)},
+                         "rl", ["psnr"])
+    lines = table.splitlines()
+    assert lines[0] == "| rl minus | PSNR NFE 1 |"
+    assert lines[2] == "| control: flow matching | +0.5000 [+0.5000, +0.5000] ✓ |"
+    assert lines[3] == "| stage-0 base | +0.0000 [+0.0000, +0.0000] |"
+
+
+def test_each_objective_gets_the_controls_that_isolate_it():
+    from actors.stages import control_configs
+    from fluxir.config import load_config
+
+    def names(objective):
+        return sorted(control_configs(load_config("configs/smoke.yaml", [f"rl.objective={objective}"]), 30.0))
+
+    assert names("rsr") == ["rl-backprop", "rl-fm", "rl-k1", "rl-shuffled"]
+    assert names("nft") == names("grpo") == ["rl-backprop", "rl-fm", "rl-shuffled"]
+    shuffled = control_configs(load_config("configs/smoke.yaml", ["rl.objective=nft"]), 30.0)["rl-shuffled"]
+    assert shuffled.rl.shuffle_rewards and shuffled.rl.objective == "nft" and shuffled.rl.max_seconds == 30.0
