@@ -17,7 +17,9 @@ one unit system (relative error) and their weights compare directly.
   plus anchor.
 - `nft` (DiffusionNFT family, likelihood-free): flow matching onto each candidate's own final image,
   through the implicit positive policy v⁺ = v_old + β(v − v_old) weighted by the candidate's optimality
-  r ∈ [0, 1] and the negative one v⁻ = v_old − β(v − v_old) weighted by 1 − r; no log-probs.
+  r ∈ [0, 1] and the negative one v⁻ = v_old − β(v − v_old) weighted by 1 − r; no log-probs. v_old is
+  the learner's own velocity, detached: the sampling policy on a rollout's first update, the current one
+  on later updates of the same rollout.
 - `fm`: the anchor alone, i.e. stage-0 flow matching continued (the equal-time control).
 - `reward_backprop` (DRaFT/ReFL style, a control for differentiable rewards): the ODE sampler run with
   gradients and the reward, normalised by its spread over the batch, maximised directly; plus anchor.
