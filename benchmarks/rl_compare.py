@@ -61,27 +61,19 @@ def arm_config(base, arm: str, seed: int, iterations: int):
     return config_from_dict(tree, f"rl_compare arm {arm}")
 
 
-def fresh_loop(cfg):
-    from fluxir.codec import build_codec
-    from fluxir.policy import load_policy
-    from fluxir.pretrain import token_channels
-    from fluxir.rl import init_dir
+def seconds_per_iteration(cfg, iterations: int) -> float:
     from fluxir.rl_loop import LocalRL
 
-    codec = build_codec(cfg)
-    return LocalRL(cfg, load_policy(init_dir(cfg), cfg, token_channels(codec)), codec)
-
-
-def seconds_per_iteration(cfg, iterations: int) -> float:
-    loop = fresh_loop(cfg)
+    loop = LocalRL(cfg)
     loop.iteration(0)  # warm-up
     return min(loop.iteration(i)["iteration_s"] for i in range(1, iterations + 1))  # robust to a busy moment
 
 
 def train_and_evaluate(cfg, iterations: int, sets: dict, lpips_net) -> tuple[dict, dict]:
     from fluxir.evaluate import evaluate
+    from fluxir.rl_loop import LocalRL
 
-    loop, history = fresh_loop(cfg), []
+    loop, history = LocalRL(cfg), []
     for it in range(iterations):
         history.append(loop.iteration(it))
     evals = {split: evaluate(loop.policy, loop.codec, s, cfg, cfg.eval.nfe, lpips_net) for split, s in sets.items()}
@@ -133,6 +125,8 @@ def summarise(runs: dict, nfes: list[int]) -> dict:
 def markdown(result: dict, split: str = "test") -> str:
     """The tables docs/BENCHMARKS.md quotes: every arm's mean ± spread over seeds, then each objective
     minus each of its controls (pooled paired 95 % intervals) on the reward's metric and on PSNR."""
+    from fluxir.stats import interval_cell
+
     summary, nfes = result["summary"], sorted({int(k.split("@")[1]) for k in
                                                 next(iter(result["summary"]["arms"].values()))[split]})
     cols = [(m, n) for m in METRICS for n in nfes]
@@ -146,11 +140,7 @@ def markdown(result: dict, split: str = "test") -> str:
     lines += ["", "| objective − control | " + " | ".join(f"{m.upper()}@{n}" for m, n in pairs) + " |",
               "|---|" + "---:|" * len(pairs)]
     for name, by_split in summary["versus"].items():
-        cells = []
-        for m, n in pairs:
-            v = by_split[split][f"{m}@{n}"]
-            mark = {"A better": " ✓", "B better": " ✗"}.get(v["verdict"], "")
-            cells.append(f"{v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]{mark}")
+        cells = [interval_cell(by_split[split][f"{m}@{n}"]) for m, n in pairs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
 import torch
 
 from common import RESULTS, machine  # noqa: E402  (puts the repo on sys.path)
@@ -37,12 +36,6 @@ def candidates_rewards(cfg, policy, codec, lpips, batches: int) -> torch.Tensor:
     return torch.cat(out).double()
 
 
-def interval(x: np.ndarray, samples: int = 10000) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    draws = x[rng.integers(0, len(x), size=(samples, len(x)))].mean(1)
-    return tuple(float(v) for v in np.percentile(draws, [2.5, 97.5]))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -57,6 +50,7 @@ def main() -> int:
     from fluxir.policy import load_policy
     from fluxir.pretrain import token_channels
     from fluxir.rl import init_dir
+    from fluxir.stats import bootstrap
 
     base = load_config(args.config, args.overrides)
     codec = build_codec(base)
@@ -71,7 +65,7 @@ def main() -> int:
             gap = (rewards.max(1).values - rewards[:, 0]).numpy()
             row = {"k": k, "rho": rho, "inputs": len(rewards), "ode": float(rewards[:, 0].mean()),
                    "explored": float(rewards[:, 1:].mean()), "best": float(rewards.max(1).values.mean()),
-                   "gap": float(gap.mean()), "gap_interval": interval(gap),
+                   "gap": float(gap.mean()), "gap_interval": bootstrap({"all": gap})[1:],
                    "ode_is_best": float((rewards.argmax(1) == 0).double().mean())}
             rows.append(row)
             print(f"rho {rho:<4} K {k:<3} ODE {row['ode']:+.4f} explored {row['explored']:+.4f} best {row['best']:+.4f} "

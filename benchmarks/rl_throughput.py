@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,22 +36,11 @@ def summarise(history: list[dict], warmup: int) -> dict:
 
 def single_process(cfg, iterations: int) -> list[dict]:
     """The same loop in one process (fluxir.rl_loop.LocalRL) with all the machine's cores."""
-    from fluxir.codec import build_codec
-    from fluxir.policy import load_policy
-    from fluxir.pretrain import token_channels
-    from fluxir.rl import init_dir
     from fluxir.rl_loop import LocalRL
 
     torch.set_num_threads(os.cpu_count())
-    codec = build_codec(cfg)
-    loop = LocalRL(cfg, load_policy(init_dir(cfg), cfg, token_channels(codec)), codec)
-    history = []
-    for it in range(iterations):
-        record = loop.iteration(it)
-        rollouts = cfg.rl.batch_size * (cfg.rl.candidates if cfg.rl.objective in ("rsr", "grpo", "nft") else 0)
-        history.append({"rollout_s": record["rollout_s"], "reward_s": 0.0, "learn_s": record["learn_s"],
-                        "sync_s": 0.0, "iteration_s": record["iteration_s"], "rollouts": rollouts})
-    return history
+    loop = LocalRL(cfg)
+    return [{**loop.iteration(it), "reward_s": 0.0, "sync_s": 0.0} for it in range(iterations)]
 
 
 def ray_system(cfg, iterations: int) -> list[dict]:

@@ -32,12 +32,18 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torc
     return per_sample_regression(pred, target, kind).mean()
 
 
+def flow_matching_reading(pred: Prediction, x0: torch.Tensor, x1: torch.Tensor,
+                          parametrization: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value, target) a flow-matching loss compares: (x0̂, x0) for x0 readings, (v, x1 − x0) for velocity."""
+    if parametrization != "velocity":
+        return pred.x0_hat, x0
+    return pred.velocity, x1 - x0
+
+
 def flow_matching_per_sample(pred: Prediction, x0: torch.Tensor, x1: torch.Tensor, parametrization: str,
                              kind: str) -> torch.Tensor:
-    """Regress the network's reading: x0̂ → x0 (x0 readings) or v → x1 − x0 (velocity). (B,)"""
-    if parametrization != "velocity":
-        return per_sample_regression(pred.x0_hat, x0, kind)
-    return per_sample_regression(pred.velocity, x1 - x0, kind)
+    """Regress the network's reading onto its target (`flow_matching_reading`). (B,)"""
+    return per_sample_regression(*flow_matching_reading(pred, x0, x1, parametrization), kind)
 
 
 def flow_matching_loss(pred: Prediction, x0: torch.Tensor, x1: torch.Tensor, parametrization: str,

@@ -162,7 +162,7 @@ STAGE_LABELS = {"base": "stage-0 base", "rl": "RL", "rl-fm": "control: flow matc
 def paired_table(evals: dict[str, dict], arm: str, metrics: list[str]) -> str:
     """`arm` minus each other evaluation per metric and NFE: mean over tasks and the 95 % paired,
     task-stratified bootstrap interval over the test crops (fluxir.stats)."""
-    from fluxir.stats import compare
+    from fluxir.stats import compare, interval_cell
 
     first = evals[arm]
     lines = ["| " + arm + " minus | " + " | ".join(f"{m.upper()} NFE {n}" for m in metrics for n in first["nfe"]) + " |",
@@ -170,12 +170,7 @@ def paired_table(evals: dict[str, dict], arm: str, metrics: list[str]) -> str:
     for other, result in evals.items():
         if other == arm:
             continue
-        cells = []
-        for m in metrics:
-            for n in first["nfe"]:
-                r = compare(first, result, n, m)
-                mark = "" if r["verdict"] == "no difference shown" else (" ✓" if r["verdict"] == "A better" else " ✗")
-                cells.append(f"{r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{mark}")
+        cells = [interval_cell(compare(first, result, n, m)) for m in metrics for n in first["nfe"]]
         lines.append(f"| {STAGE_LABELS.get(other, other)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

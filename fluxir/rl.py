@@ -36,7 +36,8 @@ from fluxir.codec import image_ids, pack, unpack
 from fluxir.config import Config
 from fluxir.data import mix_seed
 from fluxir.metrics import compute_metrics
-from fluxir.objectives import LOG_MSE_EPS, flow_matching_per_sample, per_sample_mse, per_sample_regression, sample_times
+from fluxir.objectives import (LOG_MSE_EPS, flow_matching_per_sample, flow_matching_reading, per_sample_mse,
+                               per_sample_regression, sample_times)
 from fluxir.pretrain import flow_matching_prediction
 from fluxir.sampling import initial_state, sample_trajectory, source_mean, source_sigma
 
@@ -93,6 +94,13 @@ def pick_true(mask: torch.Tensor, seeds: torch.Tensor, salt: int) -> torch.Tenso
     nth = torch.tensor([int(torch.randint(int(c), (1,), generator=row_generator(s, salt)))
                         for s, c in zip(seeds.tolist(), counts.tolist())])
     return (mask.long().cumsum(1) == (nth + 1)[:, None]).long().argmax(1)
+
+
+def informative_pairs(cfg: Config, seeds: torch.Tensor) -> torch.Tensor:
+    """(B, S−1) bool: consecutive kept-state pairs whose interval holds an explored step of each input (its
+    seed). A pair ending on a deterministic step regresses the policy onto its own output: no signal."""
+    mask, kept = explored_mask(cfg, seeds), kept_indices(cfg)
+    return torch.stack([mask[:, a:b].any(1) for a, b in zip(kept, kept[1:])], 1)
 
 
 def kept_indices(cfg: Config) -> list[int]:
@@ -397,8 +405,7 @@ class RLObjective:
         self.cfg, self.codec = cfg, codec
         self.rl = cfg.rl
         self.schedule = rl_schedule(cfg)
-        self.kept = kept_indices(cfg)
-        self.times = torch.tensor([self.schedule[i] for i in self.kept])
+        self.times = torch.tensor([self.schedule[i] for i in kept_indices(cfg)])
         self.lpips = None
         if self.rl.objective == "reward_backprop" and self.rl.reward.lpips > 0:
             from fluxir.metrics import load_lpips
@@ -443,10 +450,8 @@ class RLObjective:
         return per.view(batch["seed"].shape[0])
 
     def _rsr(self, policy, batch, lq_tok, ids):
-        """The step term on a pair of kept states whose interval holds an explored step (pairs ending on a
-        deterministic step regress the policy onto its own old output: no signal)."""
-        mask = explored_mask(self.cfg, batch["seed"])
-        pairs = torch.stack([mask[:, a:b].any(1) for a, b in zip(self.kept, self.kept[1:])], 1)
+        """The step term on a random `informative_pairs` pair of the selected trajectory."""
+        pairs = informative_pairs(self.cfg, batch["seed"])
         pairs[~pairs.any(1)] = True  # an ODE-only row (K = 1) carries no step term; any pair will do
         pair = pick_true(pairs, batch["seed"].cpu(), SALT_PAIR).to(lq_tok.device)
         rows = torch.arange(len(pair), device=lq_tok.device)
@@ -488,10 +493,7 @@ class RLObjective:
     def _nft(self, policy, batch) -> torch.Tensor:
         """Flow matching onto each candidate's own final image at a fresh (t, ε) per row, signed by its reward."""
         pred, x0, x1 = self._fm_prediction(policy, {**batch, "gt": batch["final"]}, row_seeds(batch), SALT_NFT)
-        if self.cfg.model.parametrization == "velocity":
-            value, target = pred.velocity, x1 - x0
-        else:
-            value, target = pred.x0_hat, x0
+        value, target = flow_matching_reading(pred, x0, x1, self.cfg.model.parametrization)
         return nft_terms(value, target, optimality(batch["advantage"]), self.rl.nft_beta)
 
     def _sampled_reward(self, policy, batch, lq_tok, ids, h, w) -> torch.Tensor:

@@ -33,9 +33,15 @@ def deepspeed_optimizer(cfg, params) -> tuple[torch.optim.Optimizer, float]:
 class LocalRL:
     """`iteration(it)`: rollout → score → learner batch → `rl.updates_per_rollout` AdamW steps, in this process."""
 
-    def __init__(self, cfg, policy, codec):
+    def __init__(self, cfg):
+        """The policy stage 1 starts from (`rl.init`, else the run's stage-0 model), in train mode."""
+        from fluxir.codec import build_codec
         from fluxir.metrics import load_lpips
+        from fluxir.policy import load_policy
+        from fluxir.pretrain import token_channels
 
+        codec = build_codec(cfg)
+        policy = load_policy(rl.init_dir(cfg), cfg, token_channels(codec))
         self.cfg, self.policy, self.codec = cfg, policy.train(), codec
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.opt, self.clip = deepspeed_optimizer(cfg, self.params)
@@ -54,10 +60,12 @@ class LocalRL:
 
     def iteration(self, it: int) -> dict:
         t0 = time.perf_counter()
-        inputs, stats = self.stream.batch(it), {}
+        inputs, stats, rollouts = self.stream.batch(it), {}, 0
         batch = inputs
         if self.cfg.rl.objective in rl.REWARD_OBJECTIVES:
-            batch, stats = rl.learner_batch(self.rollout_rows(inputs), self.cfg)
+            rows = self.rollout_rows(inputs)
+            batch, stats = rl.learner_batch(rows, self.cfg)
+            rollouts = len(rows["seed"])
         t1 = time.perf_counter()
         for update in range(self.cfg.rl.updates_per_rollout):  # as the controller: fresh states/noise each
             per, logs = self.objective.per_sample(self.policy, rl.reseeded(batch, update))
@@ -70,5 +78,5 @@ class LocalRL:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip)
             self.opt.step()
         t2 = time.perf_counter()
-        return {"iteration": it + 1, **stats, **logs, "loss": float(loss.detach()), "rollout_s": t1 - t0, "learn_s": t2 - t1,
-                "iteration_s": t2 - t0}
+        return {"iteration": it + 1, **stats, **logs, "loss": float(loss.detach()), "rollouts": rollouts,
+                "rollout_s": t1 - t0, "learn_s": t2 - t1, "iteration_s": t2 - t0}

@@ -52,6 +52,12 @@ def compare(a: dict, b: dict, nfe: int | None, metric: str, nfe_b: int | None = 
     return {"mean": mean, "lo": lo, "hi": hi, "verdict": verdict(lo, hi, metric), "tasks": tasks}
 
 
+def interval_cell(r: dict) -> str:
+    """"+0.0012 [+0.0003, +0.0021] ✓" for a `compare` result of A − B: ✓ A better, ✗ B better."""
+    mark = {"A better": " ✓", "B better": " ✗"}.get(r["verdict"], "")
+    return f"{r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{mark}"
+
+
 def verdict(lo: float, hi: float, metric: str) -> str:
     """"A better", "B better" or "no difference shown" for an interval of A − B."""
     if lo <= 0 <= hi:

@@ -252,8 +252,8 @@ def test_rsr_regresses_only_pairs_that_hold_an_explored_step(policy_and_codec):
     """The last step lands on x0̂ deterministically: a pair ending there would regress the policy onto its
     own old output, so it is never picked."""
     cfg = smoke("rl.candidates=3", "rl.nfe=3")
-    mask = rl.explored_mask(cfg, torch.arange(200))
-    pairs = torch.stack([mask[:, a:b].any(1) for a, b in zip(rl.kept_indices(cfg), rl.kept_indices(cfg)[1:])], 1)
+    pairs = rl.informative_pairs(cfg, torch.arange(200))
+    assert pairs.shape == (200, 3) and not pairs[:, 2].any()
     picked = rl.pick_true(pairs, torch.arange(200), rl.SALT_PAIR)
     assert set(picked.tolist()) == {0, 1}
 
