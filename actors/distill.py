@@ -1,4 +1,4 @@
-"""Stage 2 on Ray Tune (DESIGN.md §7): every student is a Tune trial.
+"""Stage 2 on Ray Tune (docs/ARCHITECTURE.md, "Stage 2"): every student is a Tune trial.
 
 `fluxir distill` runs one trial per step budget with the configured hyperparameters; `fluxir sweep`
 runs a search space (configs/sweeps/distill.yaml) with ASHA pruning on the validation metric. Both:

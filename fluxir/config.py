@@ -100,7 +100,7 @@ class CodecConfig(Strict):
 
 
 class FlowConfig(Strict):
-    """Rectified flow from source (t=1) to clean (t=0); see DESIGN.md §4."""
+    """Rectified flow from source (t=1) to clean (t=0); see docs/ARCHITECTURE.md, "The flow"."""
     source: Literal["gaussian", "lq"] = "lq"
     sigma_src: float = Field(0.1, gt=0)
     t_start: float = Field(1.0, gt=0, le=1)
@@ -217,7 +217,8 @@ class EvalConfig(Strict):
 
 
 class RewardConfig(Strict):
-    """reward = psnr·PSNR(dB) + ssim·SSIM − lpips·LPIPS, per candidate against GT (DESIGN.md §6).
+    """reward = psnr·PSNR(dB) + ssim·SSIM − lpips·LPIPS, per candidate against GT
+    (docs/ARCHITECTURE.md, "Stage 1").
 
     Scale guide: 1 dB PSNR ~ 0.02 SSIM ~ 0.01 LPIPS on the tiny test crops.
     """
@@ -236,7 +237,8 @@ class RewardConfig(Strict):
 
 
 class RLConfig(Strict):
-    """Stage 1: rollout actors, reward workers and a DeepSpeed learner group on Ray (DESIGN.md §6)."""
+    """Stage 1: rollout actors, reward workers and a DeepSpeed learner group on Ray
+    (docs/ARCHITECTURE.md, "Stage 1")."""
     # rsr: the paper's reward-selected regression; grpo: PPO-clipped ratio of stochastic steps; nft:
     # likelihood-free reward-weighted flow matching on the policy's own samples; fm: plain flow matching
     # (a control); reward_backprop: the reward's gradient through the sampler (a control)
@@ -309,7 +311,7 @@ class RLConfig(Strict):
 
 
 class DistillConfig(Strict):
-    """Stage 2: cost-aware trajectory distillation (DESIGN.md §7); one student per step budget."""
+    """Stage 2: cost-aware trajectory distillation (docs/ARCHITECTURE.md, "Stage 2"); one student per step budget."""
     teacher: str | None = None  # policy folder (default: <run>/rl/model if present, else <run>/pretrain/model)
     teacher_nfe: int = Field(20, ge=2)  # N: the teacher's uniform ODE grid
     calibration_size: int = Field(256, ge=1)  # training crops the teacher trajectories are stored for

@@ -1,4 +1,5 @@
-"""Stage 2 math (DESIGN.md §7): cost-aware trajectory distillation. Pure torch; Ray Tune runs it (actors/distill.py).
+"""Stage 2 math (docs/ARCHITECTURE.md, "Stage 2"): cost-aware trajectory distillation. Pure torch; Ray
+Tune runs it (actors/distill.py).
 
 1. Teacher trajectories: the teacher's N-step Euler ODE on calibration inputs, every state kept.
    Between grid times an Euler trajectory is exactly linear in t, so `teacher_at` gives the teacher's
@@ -111,7 +112,7 @@ def teacher_velocities(states: torch.Tensor, schedule: list[float]) -> torch.Ten
 
 
 def cost_matrix(teacher: TeacherSet, per_unit_time: bool = True) -> torch.Tensor:
-    """C (N+1, N+1): C[a, b] for a < b (DESIGN.md §7.2), +inf elsewhere. Batched over b and inputs per a.
+    """C (N+1, N+1): C[a, b] for a < b (the module docstring, 2.), +inf elsewhere. Batched over b and inputs per a.
 
     `per_unit_time=False` leaves out the division by t_a − t_b (the merged jump's error in state units).
     """

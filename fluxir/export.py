@@ -1,6 +1,6 @@
 """Export a trained policy as a folder that loads without fluxir, and load it back (checksums verified).
 
-Layout of an export (DESIGN.md §10):
+Layout of an export (docs/ARCHITECTURE.md, "Export"):
   transformer/              diffusers `save_pretrained` (safetensors), LoRA merged, input widened for the LQ
   adapter/                  (LoRA runs only) peft `adapter_config.json` + `adapter_model.safetensors`, and
                             `x_embedder.safetensors`: the trained, widened input layer the adapter needs

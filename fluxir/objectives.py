@@ -17,7 +17,7 @@ def per_sample_regression(pred: torch.Tensor, target: torch.Tensor, kind: str) -
     """`mse`: per-sample MSE; `log_mse`: its log, i.e. −PSNR up to constants. (B,)
 
     log-MSE weighs each sample by its own error, so mild tasks (sr, deblur) are not drowned by
-    large-error ones (lowlight, underwater) — DESIGN.md §4.
+    large-error ones (lowlight, underwater) (docs/ARCHITECTURE.md, "The flow").
     """
     mse = per_sample_mse(pred.float(), target.float())
     if kind == "mse":

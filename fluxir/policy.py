@@ -1,6 +1,6 @@
 """The restoration policy: diffusers' FluxTransformer2DModel with LQ channel-concat and task conditioning.
 
-One code path for every scale (DESIGN.md §3): `tiny` builds a random-init transformer from the config
+One code path for every scale (docs/ARCHITECTURE.md): `tiny` builds a random-init transformer from the config
 sizes; `flux-dev` loads a local diffusers folder. The LQ latent is concatenated to the noisy tokens along
 channels (x_embedder widened, new columns zero-initialised, as FLUX Fill does). Tasks condition the
 transformer's text inputs: learned embeddings (tiny) or cached prompt embeddings (flux-dev).

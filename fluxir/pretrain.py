@@ -1,4 +1,4 @@
-"""Stage 0 (DESIGN.md §5): supervised flow matching on (LQ, GT, task) pairs, as a `Recipe`.
+"""Stage 0 (docs/ARCHITECTURE.md, "Stage 0"): supervised flow matching on (LQ, GT, task) pairs, as a `Recipe`.
 
 The Ray layer (actors/train.py) runs this recipe in Ray Train workers with a DeepSpeed engine.
 """

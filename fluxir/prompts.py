@@ -1,4 +1,5 @@
-"""Task prompts -> FLUX text conditioning, computed once and cached (DESIGN.md §3).
+"""Task prompts -> FLUX text conditioning, computed once and cached (docs/ARCHITECTURE.md, "One code path
+for every scale").
 
 `fluxir embed-prompts CONFIG` runs FluxPipeline's own `encode_prompt` (CLIP pooled + T5 tokens) on
 the text encoders of `model.path` and writes `model.prompt_cache` (safetensors). Training,
