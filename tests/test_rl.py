@@ -331,3 +331,22 @@ def test_weight_set_verifies_and_refuses_tampering(policy_and_codec):
     reshaped = {**ws.tensors, name: ws.tensors[name].reshape(-1)}
     with pytest.raises(WeightSyncError, match=name.replace(".", r"\.")):
         verify_weight_set(make_weight_set(reshaped, 4), expected)
+
+
+@pytest.mark.parametrize("objective,k", [("nft", 3), ("fm", 1)])
+def test_single_process_loop_updates_the_policy_with_the_ray_systems_math(policy_and_codec, tmp_path, objective, k):
+    """fluxir.rl_loop.LocalRL (the benchmarks' stage 1): one iteration samples K candidates per input,
+    scores them and takes `rl.updates_per_rollout` optimizer steps that change the trainable weights."""
+    from fluxir.policy import save_policy
+    from fluxir.rl_loop import LocalRL
+    policy, _ = policy_and_codec
+    save_policy(policy, tmp_path / "base", smoke())
+    cfg = smoke(f"rl.init={tmp_path / 'base'}", f"rl.objective={objective}", f"rl.candidates={k}",
+                "rl.updates_per_rollout=2")
+    loop = LocalRL(cfg)
+    before = {n: p.detach().clone() for n, p in loop.policy.trainable_state_dict().items()}
+    record = loop.iteration(0)
+    assert record["iteration"] == 1 and record["rollouts"] == (cfg.rl.batch_size * k if objective == "nft" else 0)
+    assert torch.isfinite(torch.tensor(record["loss"]))
+    after = loop.policy.trainable_state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before)
