@@ -126,17 +126,24 @@ def cmd_restore(args) -> int:
 
 
 def _export(run_dir: Path, out_dir: Path, policy_dir: Path | None = None, budget: int | None = None) -> Path:
-    from fluxir.export import export_policy, export_source, policy_schedules, recorded_metrics
+    """Export `policy_dir`, or the run's distilled student for `budget`, or by default stage 2's choice
+    (the fewest steps within the teacher's validation quality), else the run's last stage."""
+    from fluxir.export import export_policy, export_source, policy_schedules, recorded_metrics, stage2_choice
 
-    policy_dir = policy_dir or export_source(run_dir, budget)
+    choice = stage2_choice(run_dir) if policy_dir is None and budget is None else None
+    policy_dir = policy_dir or (choice["policy_dir"] if choice else export_source(run_dir, budget))
     card = json.loads((policy_dir / "policy.json").read_text())
     cfg = Config.model_validate(card["config"])
     policy, codec = _load_trained(cfg, policy_dir)
-    schedules = policy_schedules(card, cfg)
+    if choice:
+        schedules, metrics = {choice["budget"]: choice["schedule"]}, {choice["budget"]: choice.get("test", {})}
+    else:
+        schedules = policy_schedules(card, cfg)
+        metrics = recorded_metrics(run_dir, policy_dir, card, schedules)
     source = {"run_dir": str(run_dir.resolve()), "policy_dir": str(policy_dir.resolve()), "stage": card.get("stage"),
-              **{k: card[k] for k in ("budget", "schedule_kind", "step", "version") if k in card}}
-    return export_policy(policy, codec, cfg, out_dir, schedules, source,
-                         recorded_metrics(run_dir, policy_dir, card, schedules), in_place=True)
+              **{k: card[k] for k in ("budget", "schedule_kind", "step", "version") if k in card},
+              **({"choice": choice["name"], "choice_metric": choice["metric"]} if choice else {})}
+    return export_policy(policy, codec, cfg, out_dir, schedules, source, metrics, in_place=True)
 
 
 def _print_export(out: Path) -> Path:
@@ -215,34 +222,51 @@ def _evaluate_reusing(cfg: Config, policy_dir: Path, schedules: dict[int, list[f
     return merge_evals(*parts)
 
 
-def _teacher_evals(cfg: Config, out: dict, known: dict | None) -> tuple[dict, dict]:
-    """The teacher on uniform schedules (its quality-vs-NFE curve and every budget) and on the cost-DP
-    schedules; `known`: an evaluation of the same policy to reuse (stage 1's)."""
+def _stage2_evals(cfg: Config, out: dict, known: dict | None) -> dict:
+    """Stage 2 on the test set: the teacher's uniform curve (and its own N-step schedule), the teacher on
+    the shifted and searched schedules without distillation, each budget's best student and its controls.
+    `known`: an evaluation of the teacher policy to reuse (stage 1's)."""
     from fluxir.flow import uniform_schedule
 
     d, shared = cfg.distill, out["shared"]
     teacher = Path(shared["teacher_dir"])
-    nfes = sorted(set(d.curve_nfe) | set(d.budgets) | {d.teacher_nfe})
-    curve = _evaluate_reusing(cfg, teacher, {n: uniform_schedule(n, cfg.flow.t_start) for n in nfes}, known)
-    dp = shared["schedules"]["cost_dp"]
-    return curve, _evaluate_reusing(cfg, teacher, {k: dp[k] for k in d.budgets}, curve)
+    schedules = {n: uniform_schedule(n, cfg.flow.t_start) for n in sorted(set(d.curve_nfe) | set(d.budgets))}
+    schedules[d.teacher_nfe] = shared["validation"].schedule
+    curve = _evaluate_reusing(cfg, teacher, schedules, known)
+    evals = {"teacher": curve, **{kind: _evaluate_reusing(cfg, teacher, dict(shared["schedules"][kind]), curve)
+                                  for kind in ("shifted", "searched")}}
+    trained = lambda row: _evaluate(cfg, Path(row["model_dir"]), None, False,  # noqa: E731
+                                    {row["params"]["budget"]: row["schedule"]})[0]
+    evals["students"] = {k: trained(row) for k, row in out["best"].items()}
+    evals["controls"] = {k: {arm: trained(row) for arm, row in arms.items()} for k, arms in out["controls"].items()}
+    return evals
 
 
 def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
             resume: bool = False) -> tuple[str, dict]:
-    """Run stage 2 (one student per budget on Ray Tune) and evaluate teacher, cost-DP times and students."""
+    """Run stage 2 (per budget a student and its controls on Ray Tune) and evaluate it on the test set."""
     from actors.distill import run_distill
+    from fluxir.evaluate import mean_over_tasks
     from fluxir.report import distill_section, write_json, write_pareto_plot
 
     out = run_distill(cfg, resume=resume)
     write_pareto_plot(cfg.run_dir / "distill_pareto.png", out["rows"], "stage 2: students' validation quality vs NFE")
-    teacher, cost_dp = _teacher_evals(cfg, out, known_teacher_eval)
-    students = _evaluate_students(cfg, out["best"])
-    evals = {"teacher": teacher, "cost_dp": cost_dp, "students": students}
+    evals = _stage2_evals(cfg, out, known_teacher_eval)
+    choice = out["choice"]
+    chosen = evals[choice["eval"]]
+    chosen = chosen[choice["budget"]] if choice["eval"] == "students" else chosen
+    choice["test"] = {m: mean_over_tasks(chosen, m, choice["budget"]) for m in ("psnr", "ssim", "lpips")
+                      if m in next(iter(chosen["tasks"].values()))["nfe"][choice["budget"]]}
+    write_json(Path(out["stage_dir"]) / "choice.json", choice)
     write_json(cfg.run_dir / "distill.json", {"evals": evals, "schedules": out["shared"]["schedules"],
-                                              "students": {k: {key: v for key, v in row.items() if key != "checkpoint"}
-                                                           for k, row in out["best"].items()}})
+                                              "searched": out["shared"]["searched"], "choice": choice,
+                                              "students": _rows_out(out["best"]),
+                                              "controls": {k: _rows_out(arms) for k, arms in out["controls"].items()}})
     return distill_section(evals, out, cfg, command), evals
+
+
+def _rows_out(rows: dict) -> dict:
+    return {k: {key: v for key, v in row.items() if key != "checkpoint"} for k, row in rows.items()}
 
 
 def _command(args, verb: str, *extra: str) -> str:
@@ -269,11 +293,6 @@ def _write_stage_report(cfg: Config, section: str, name: str) -> int:
     return 0
 
 
-def _evaluate_students(cfg: Config, best: dict[int, dict]) -> dict[int, dict]:
-    """Each budget's best student on the test set, on its own schedule."""
-    return {k: _evaluate(cfg, Path(row["model_dir"]), None, False, {k: row["schedule"]})[0] for k, row in best.items()}
-
-
 def cmd_distill(args) -> int:
     cfg = _config(args)
     section, _ = _stage2(cfg, _command(args, "distill"), resume=args.resume)
@@ -291,13 +310,13 @@ def cmd_sweep(args) -> int:
     start = time.perf_counter()
     out = run_sweep(cfg, sweep, resume=args.resume)
     out["seconds"], out["resumed"] = time.perf_counter() - start, args.resume
-    evals = _evaluate_students(cfg, out["best"])
+    evals = _stage2_evals(cfg, out, None)
     plot = write_pareto_plot(cfg.run_dir / "sweep_pareto.png", out["rows"])
-    section = sweep_section(out, evals, sweep, command, plot.name)
+    section = sweep_section(out, evals, sweep, command, plot.name, cfg.distill.teacher_nfe)
     write_json(cfg.run_dir / "sweep.json", {"rows": out["rows"], "evals": evals, "seconds": out["seconds"],
                                             "trials": out["trials"], "errored": out["errored"]})
     trials = [{**r["params"], "step": r["step"], "stopped_early": r["stopped_early"], **r["metrics"]} for r in out["rows"]]
-    _publish(cfg, "sweep", {f"K{k}": e for k, e in evals.items()}, {"pareto": plot}, {"trials": trials})
+    _publish(cfg, "sweep", {f"K{k}": e for k, e in evals["students"].items()}, {"pareto": plot}, {"trials": trials})
     return _write_stage_report(cfg, section, "sweep_report.md")
 
 
@@ -472,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a trained model: diffusers transformer, adapter, schedules, manifest")
     p.add_argument("run_dir", help="run folder, e.g. runs/tiny")
     p.add_argument("out_dir", help="new folder for the export")
-    p.add_argument("--budget", type=int, help="which distilled student (default: the fewest steps)")
+    p.add_argument("--budget", type=int, help="which distilled student (default: stage 2's choice, the fewest steps within the teacher's "
+                        "validation quality; without one, the fewest-step student)")
     p.add_argument("--policy", help="export this policy folder instead (e.g. runs/tiny/sweep/best/K2)")
     p.set_defaults(func=cmd_export)
 

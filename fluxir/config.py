@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fluxir.degradations import TASKS
+from fluxir.metrics import LPIPS_MIN_SIZE
 
 
 class ConfigError(ValueError):
@@ -227,7 +228,7 @@ class RewardConfig(Strict):
     lpips: float = Field(0.0, ge=0)
     # LPIPS sees crops of at least this size (smaller ones are upsampled bilinearly): at 32 px AlexNet's
     # deeper feature maps are 1×1 and the distance is mostly colour statistics
-    lpips_min_size: int = Field(64, ge=32)
+    lpips_min_size: int = Field(LPIPS_MIN_SIZE, ge=32)
 
     @model_validator(mode="after")
     def _check(self) -> "RewardConfig":
@@ -310,15 +311,12 @@ class RLConfig(Strict):
         return self
 
 
-class DistillConfig(Strict):
-    """Stage 2: cost-aware trajectory distillation (docs/ARCHITECTURE.md, "Stage 2"); one student per step budget."""
-    teacher: str | None = None  # policy folder (default: <run>/rl/model if present, else <run>/pretrain/model)
-    teacher_nfe: int = Field(20, ge=2)  # N: the teacher's uniform ODE grid
-    calibration_size: int = Field(256, ge=1)  # training crops the teacher trajectories are stored for
-    validation_size: int = Field(64, ge=1)  # held-out crops (own seed) for trial metrics and ASHA
-    budgets: list[int] = [1, 2, 4]
-    schedule: Literal["uniform", "cost_dp", "learned"] = "cost_dp"
-    steps: int = Field(200, ge=1)  # student updates per budget
+class StudentConfig(Strict):
+    """How one stage-2 student is trained (one Tune trial); a sweep's space draws from these keys."""
+    # Its K-step schedule: uniform, shifted (distill.shift), searched (the schedule search's, fixed), or
+    # learned (starts from the searched one; its times are trained with the network).
+    schedule: Literal["uniform", "shifted", "searched", "learned"] = "searched"
+    steps: int = Field(200, ge=1)  # updates per student
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0)
     teacher_weight: float = Field(1.0, ge=0)  # each jump's end onto the teacher's state at that time
@@ -326,6 +324,31 @@ class DistillConfig(Strict):
     loss: Literal["mse", "log_mse"] = "log_mse"
     schedule_lr: float = Field(0.02, gt=0)  # learned schedule: lr of its softmax logits
     eval_every: int = Field(50, ge=1)  # validation (and trial report/checkpoint) period in steps
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudentConfig":
+        if self.teacher_weight == self.gt_weight == 0:
+            raise ValueError("teacher_weight and gt_weight cannot both be 0")
+        return self
+
+
+class DistillConfig(Strict):
+    """Stage 2: trajectory distillation (docs/ARCHITECTURE.md, "Stage 2"); one student per step budget."""
+    teacher: str | None = None  # policy folder (default: <run>/rl/model if present, else <run>/pretrain/model)
+    teacher_nfe: int = Field(20, ge=2)  # N: the teacher's ODE grid
+    teacher_schedule: Literal["uniform", "shifted"] = "uniform"
+    shift: float = Field(3.0, gt=0)  # the FLUX/SD3 time shift of stage 2's shifted schedules
+    calibration_size: int = Field(256, ge=1)  # training crops: teacher trajectories and the schedule search
+    validation_size: int = Field(64, ge=1)  # held-out crops (own seed) for trial metrics and ASHA
+    budgets: list[int] = [1, 2, 4]
+    # The judged metric: what the schedule search minimises, how the best student per budget and the
+    # exported policy are chosen (LPIPS on crops upsampled to at least 64 px).
+    metric: Literal["lpips", "psnr"] = "lpips"
+    search_grid: int = Field(40, ge=2)  # the search moves interior times on multiples of t_start/search_grid
+    student: StudentConfig = StudentConfig()
+    # Per budget also the controls, with the student's settings and seed: a uniform-schedule student and a
+    # GT-only fine-tune (teacher_weight 0) on the student's schedule.
+    controls: bool = True
     curve_nfe: list[int] = [1, 2, 4, 8]  # the teacher's quality-vs-NFE curve (plus teacher_nfe)
     trial_resources: dict[str, float] = {"CPU": 1}
     max_concurrent: int = Field(2, ge=1)
@@ -335,8 +358,8 @@ class DistillConfig(Strict):
     def _check(self) -> "DistillConfig":
         if not self.budgets or any(not 1 <= k <= self.teacher_nfe for k in self.budgets):
             raise ValueError(f"budgets {self.budgets} must be step counts in [1, teacher_nfe={self.teacher_nfe}]")
-        if self.teacher_weight == self.gt_weight == 0:
-            raise ValueError("teacher_weight and gt_weight cannot both be 0")
+        if max(self.budgets) > self.search_grid:
+            raise ValueError(f"search_grid {self.search_grid} has fewer times than budget {max(self.budgets)} needs")
         return self
 
 
@@ -387,10 +410,10 @@ class AshaConfig(Strict):
 class SweepConfig(Strict):
     """A Ray Tune sweep over stage-2 students (`fluxir sweep`; configs/sweeps/distill.yaml).
 
-    `space` keys are `distill` keys (budget is required); values are fixed, or one of
+    `space` keys are `distill.student` keys plus budget (required); values are fixed, or one of
     `{grid: [...]}`, `{choice: [...]}`, `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`.
     """
-    metric: Literal["psnr", "ssim", "lpips", "psnr_gain", "lpips_gain"] = "psnr_gain"
+    metric: Literal["psnr", "ssim", "lpips", "psnr_gain", "lpips_gain"] = "lpips_gain"
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, ge=1)
     steps: int = Field(200, ge=1)
@@ -401,11 +424,11 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "SweepConfig":
-        allowed = {"budget", "schedule", "lr", "teacher_weight", "gt_weight", "batch_size", "loss", "schedule_lr"}
+        allowed = {"budget", *StudentConfig.model_fields}
         unknown = set(self.space) - allowed
         if unknown or "budget" not in self.space:
-            raise ValueError(f"space keys must include budget and come from {sorted(allowed)}; unknown: "
-                             f"{sorted(unknown)}")
+            raise ValueError(f"space keys must include budget and come from {sorted(allowed)} (distill.student's "
+                             f"keys); unknown: {sorted(unknown)}")
         if (self.metric == "lpips") != (self.mode == "min"):
             raise ValueError(f"metric {self.metric} is optimised with mode "
                              f"{'min' if self.metric == 'lpips' else 'max'}, not {self.mode}")

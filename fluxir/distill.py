@@ -1,22 +1,23 @@
-"""Stage 2 math (docs/ARCHITECTURE.md, "Stage 2"): cost-aware trajectory distillation. Pure torch; Ray
-Tune runs it (actors/distill.py).
+"""Stage 2 math (docs/ARCHITECTURE.md, "Stage 2"): trajectory distillation into few-step students. Pure
+torch; Ray Tune runs it (actors/distill.py).
 
 1. Teacher trajectories: the teacher's N-step Euler ODE on calibration inputs, every state kept.
    Between grid times an Euler trajectory is exactly linear in t, so `teacher_at` gives the teacher's
    state at any time (and its derivative in t, which a learned schedule needs).
-2. Cost of merging the teacher segment a → b into one jump taken with the teacher's velocity at a:
-   C(a, b) = mean_i ‖x_b − (x_a + (t_b − t_a)·v_a)‖_rms / (t_a − t_b); single steps cost 0.
-3. Budget K: the exactly-K-edge path 0 → N of least summed cost (dynamic programming, O(K·N²)).
-4. Students: K-step samplers on a schedule (uniform, cost-DP, or learned: monotone times from softmax
-   increments) trained through the sampler so each jump lands on the teacher's state at its end time,
-   plus an end-to-GT term.
+2. The schedule search: the cost of a K-step schedule is what the K-step sampler itself loses, the
+   judged metric of its final images against GT on the calibration crops (LPIPS, or −PSNR). A pattern
+   search moves one interior time at a time over a grid of multiples of t_start/G (coarse moves first),
+   from the uniform and the shifted schedules; `search_schedule` is generic in the cost.
+3. Students: K-step samplers on a schedule (uniform, shifted, searched, or learned: monotone times from
+   softmax increments, starting from the searched one) trained through the sampler so each jump lands on
+   the teacher's state at its end time, plus an end-to-GT term. Controls per budget (`ARMS`): the same
+   settings on the uniform schedule, and a GT-only fine-tune (teacher weight 0).
 """
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -24,13 +25,16 @@ from torch import nn
 
 from fluxir import flow
 from fluxir.codec import image_ids, pack, unpack
-from fluxir.config import Config
+from fluxir.config import Config, StudentConfig
 from fluxir.data import mix_seed, train_stream
+from fluxir.metrics import at_least, compute_metrics
 from fluxir.objectives import per_sample_regression
 from fluxir.sampling import initial_state, sample_trajectory
 
-SCHEDULE_KINDS = ("uniform", "cost_dp", "learned")
+SCHEDULE_KINDS = ("uniform", "shifted", "searched", "learned")
 SALT_CALIBRATION, SALT_VALIDATION, SALT_START, SALT_BATCH = 11, 12, 13, 14
+# A student and its controls: the settings each trial overrides in `distill.student`.
+ARMS = {"student": {}, "uniform-student": {"schedule": "uniform"}, "gt-only": {"teacher_weight": 0.0}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,10 +70,11 @@ def calibration_inputs(cfg: Config, count: int, salt: int) -> dict[str, torch.Te
 
 @torch.no_grad()
 def teacher_trajectories(policy, codec, inputs: dict[str, torch.Tensor], cfg: Config, nfe: int,
-                         batch_size: int = 32) -> TeacherSet:
-    """The teacher's `nfe`-step uniform ODE from a seeded start per input (the students share the start)."""
+                         kind: str = "uniform", batch_size: int = 32) -> TeacherSet:
+    """The teacher's `nfe`-step ODE on the `kind` schedule from a seeded start per input (the students
+    share the start)."""
     policy.eval()
-    schedule = flow.make_schedule("uniform", nfe, cfg.flow.t_start)
+    schedule = flow.make_schedule(kind, nfe, cfg.flow.t_start, cfg.distill.shift)
     z_lq, z_gt = codec.encode(inputs["lq"]), codec.encode(inputs["gt"])
     h, w = z_lq.shape[-2:]
     lq, gt, ids = pack(z_lq), pack(z_gt), image_ids(h, w)
@@ -101,76 +106,112 @@ def teacher_at(teacher: TeacherSet, times: torch.Tensor, index: torch.Tensor) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost matrix and the exact-K shortest path
+# The schedule search
 # ---------------------------------------------------------------------------------------------
 
-def teacher_velocities(states: torch.Tensor, schedule: list[float]) -> torch.Tensor:
-    """v_a (M, N, T, C) of an Euler teacher, recovered exactly from its consecutive states (M, N+1, T, C)."""
-    t = torch.tensor(schedule, dtype=states.dtype)
-    dt = (t[1:] - t[:-1]).view(1, -1, 1, 1)
-    return (states[:, 1:] - states[:, :-1]) / dt
+@dataclass
+class ScheduleSearch:
+    """The searched schedule, its cost, the starting schedule's name and cost, and how many were tried."""
+    schedule: list[float]
+    cost: float
+    start: str
+    start_cost: float
+    evaluations: int
+    trace: list[tuple[list[float], float]] = field(default_factory=list)
 
 
-def cost_matrix(teacher: TeacherSet, per_unit_time: bool = True) -> torch.Tensor:
-    """C (N+1, N+1): C[a, b] for a < b (the module docstring, 2.), +inf elsewhere. Batched over b and inputs per a.
+def search_grid(t_start: float, size: int) -> list[float]:
+    """The G + 1 times t_start·(G − i)/G, i = 0…G (decreasing)."""
+    return [t_start * (size - i) / size for i in range(size + 1)]
 
-    `per_unit_time=False` leaves out the division by t_a − t_b (the merged jump's error in state units).
+
+def _snap(schedule: list[float], grid: list[float]) -> tuple[int, ...]:
+    """Interior times of `schedule` as strictly increasing grid indices (nearest, then pushed apart)."""
+    n = len(grid) - 1
+    idx = [min(range(1, n), key=lambda i: abs(grid[i] - t)) for t in schedule[1:-1]]
+    for j in range(len(idx)):
+        idx[j] = max(idx[j], (idx[j - 1] + 1) if j else 1)
+    for j in reversed(range(len(idx))):
+        idx[j] = min(idx[j], (idx[j + 1] - 1) if j + 1 < len(idx) else n - 1)
+    return tuple(idx)
+
+
+def search_schedule(cost: Callable[[list[float]], float], budget: int, t_start: float, grid_size: int,
+                    starts: dict[str, list[float]]) -> ScheduleSearch:
+    """The K-step schedule of least `cost` found by a pattern search on `search_grid(t_start, grid_size)`.
+
+    Starts from the cheapest of `starts` (snapped to the grid); each round tries moving every interior
+    time by ±step grid cells and keeps any move that lowers the cost, until none does; then the step
+    halves, down to one cell. Costs are memoised, so a schedule is evaluated once.
     """
-    t = torch.tensor(teacher.schedule, dtype=torch.float64)
-    n = len(t) - 1
-    x = teacher.states.double()
-    v = teacher_velocities(x, teacher.schedule)
-    cost = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)
-    for a in range(n):
-        dt = (t[a + 1:] - t[a]).view(-1, 1, 1, 1)                     # (n − a, 1, 1, 1)
-        jump = x[:, a].unsqueeze(0) + dt * v[:, a].unsqueeze(0)        # (n − a, M, T, C)
-        err = (x[:, a + 1:].transpose(0, 1) - jump).pow(2).flatten(2).mean(2).sqrt()  # (n − a, M)
-        cost[a, a + 1:] = err.mean(1) / ((t[a] - t[a + 1:]) if per_unit_time else 1.0)
+    if not 1 <= budget <= grid_size:
+        raise ValueError(f"budget {budget} must be in [1, search grid {grid_size}]")
+    grid = search_grid(t_start, grid_size)
+    memo: dict[tuple[int, ...], float] = {}
+    trace: list[tuple[list[float], float]] = []
+
+    def times(idx: tuple[int, ...]) -> list[float]:
+        return [grid[0], *(grid[i] for i in idx), 0.0]
+
+    def value(idx: tuple[int, ...]) -> float:
+        if idx not in memo:
+            memo[idx] = float(cost(times(idx)))
+            trace.append((times(idx), memo[idx]))
+        return memo[idx]
+
+    snapped = {name: _snap(s, grid) for name, s in starts.items()}
+    start = min(snapped, key=lambda name: value(snapped[name]))
+    best = snapped[start]
+    step = max(1, grid_size // (2 * budget))
+    while True:
+        improved = True
+        while improved:
+            improved = False
+            for j in range(budget - 1):
+                for delta in (-step, step):
+                    cand = list(best)
+                    cand[j] += delta
+                    lo = cand[j - 1] if j else 0
+                    hi = cand[j + 1] if j + 1 < len(cand) else grid_size
+                    if lo < cand[j] < hi and value(tuple(cand)) < value(best):
+                        best, improved = tuple(cand), True
+        if step == 1:
+            break
+        step = max(1, step // 2)
+    return ScheduleSearch(times(best), value(best), start, value(snapped[start]), len(memo), trace)
+
+
+def judged_cost(metric: str, metrics: dict[str, torch.Tensor]) -> float:
+    """The search's cost from per-image metrics: mean LPIPS, or −mean PSNR."""
+    return float(metrics["lpips"].mean()) if metric == "lpips" else -float(metrics["psnr"].mean())
+
+
+def sampler_cost(policy, codec, teacher: "TeacherSet", flow_cfg, metric: str, lpips_net=None
+                 ) -> Callable[[list[float]], float]:
+    """cost(schedule): the judged metric of the K-step ODE sampler's final images against GT on `teacher`'s
+    inputs from their stored starts (lower is better)."""
+    if metric == "lpips" and lpips_net is None:
+        raise ValueError("the schedule search's metric is lpips, but LPIPS is unavailable (distill.metric=psnr "
+                         "searches on PSNR)")
+    decode = decoder(codec, teacher)
+    gt = decode(teacher.gt)
+
+    def cost(schedule: list[float]) -> float:
+        return judged_cost(metric, image_metrics(decode(restore_tokens(policy, teacher, schedule, flow_cfg)), gt,
+                                                 lpips_net if metric == "lpips" else None))
     return cost
 
 
-def min_cost_path(cost: torch.Tensor, budget: int) -> tuple[list[int], float]:
-    """The path 0 → N with exactly `budget` edges of least summed cost: (nodes, cost). O(K·N²)."""
-    n = cost.shape[0] - 1
-    if not 1 <= budget <= n:
-        raise ValueError(f"step budget {budget} must be in [1, {n}] (the teacher's NFE)")
-    c = cost.double()
-    best = torch.full((budget + 1, n + 1), math.inf, dtype=torch.float64)
-    parent = torch.zeros((budget + 1, n + 1), dtype=torch.long)
-    best[0, 0] = 0.0
-    for k in range(1, budget + 1):
-        total = best[k - 1].unsqueeze(1) + c          # total[i, j] = best[k−1, i] + C[i, j]
-        best[k], parent[k] = total.min(0)
-    nodes = [n]
-    for k in range(budget, 0, -1):
-        nodes.append(int(parent[k, nodes[-1]]))
-    return nodes[::-1], float(best[budget, n])
-
-
-def brute_force_path(cost: torch.Tensor, budget: int) -> tuple[list[int], float]:
-    """Exhaustive search over all exactly-K-edge paths (for testing `min_cost_path`)."""
-    n = cost.shape[0] - 1
-    best = (None, math.inf)
-    for inner in itertools.combinations(range(1, n), budget - 1):
-        nodes = [0, *inner, n]
-        total = sum(float(cost[a, b]) for a, b in zip(nodes, nodes[1:]))
-        if total < best[1]:
-            best = (nodes, total)
-    return best
-
-
-def budget_schedule(kind: str, budget: int, teacher_schedule: list[float], cost: torch.Tensor | None) -> list[float]:
-    """The K-step schedule a student starts from: uniform times, or the cost-DP path on the teacher grid.
-
-    `learned` starts from the cost-DP path and is refined in training (`LearnedSchedule`).
-    """
-    if kind == "uniform":
-        return flow.uniform_schedule(budget, teacher_schedule[0])
-    if kind in ("cost_dp", "learned"):
-        if cost is None:
-            raise ValueError(f"schedule {kind!r} needs the cost matrix")
-        nodes, _ = min_cost_path(cost, budget)
-        return [teacher_schedule[i] for i in nodes]
+def budget_schedule(kind: str, budget: int, t_start: float, shift: float = 3.0,
+                    searched: dict[int, list[float]] | None = None) -> list[float]:
+    """The K-step schedule a student starts from: uniform or shifted times, or the search's (`searched`:
+    {budget: times}); `learned` starts from the searched one and is refined in training."""
+    if kind in ("uniform", "shifted"):
+        return flow.make_schedule(kind, budget, t_start, shift)
+    if kind in ("searched", "learned"):
+        if not searched or budget not in searched:
+            raise ValueError(f"schedule {kind!r} needs the searched schedule for budget {budget}")
+        return list(searched[budget])
     raise ValueError(f"unknown schedule kind {kind!r}; known: {', '.join(SCHEDULE_KINDS)}")
 
 
@@ -242,42 +283,56 @@ def restore_tokens(policy, teacher: TeacherSet, schedule: list[float], flow_cfg,
     return torch.cat(outs)
 
 
-def validate(policy, codec, teacher: TeacherSet, schedule: list[float], flow_cfg, lpips_net=None) -> dict[str, float]:
-    """PSNR/SSIM(/LPIPS) against GT of the K-step sampler on the validation set, and seconds per image."""
-    from fluxir.evaluate import score
-    from fluxir.metrics import MetricConvention
+def decoder(codec, teacher: TeacherSet) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Tokens of `teacher`'s latent size -> images in [0, 1]."""
+    return lambda tokens: codec.decode(unpack(tokens, teacher.height, teacher.width)).clamp(0, 1)
 
+
+def image_metrics(images: torch.Tensor, gt: torch.Tensor, lpips_net=None) -> dict[str, torch.Tensor]:
+    """Per-image PSNR, SSIM (BasicSR convention) and, with `lpips_net`, LPIPS on >= 64 px upsamplings."""
+    metrics = compute_metrics(images, gt)
+    if lpips_net is not None:
+        with torch.no_grad():
+            metrics["lpips"] = lpips_net(at_least(images), at_least(gt)).flatten()
+    return metrics
+
+
+def validate(policy, codec, teacher: TeacherSet, schedule: list[float], flow_cfg, lpips_net=None,
+             per_image: bool = False) -> dict:
+    """Mean PSNR/SSIM(/LPIPS) against GT of the K-step sampler on `teacher`'s inputs and seconds per image;
+    with `per_image` also {"per_image": {metric: [values]}} (for paired intervals)."""
     policy.eval()
     start = time.perf_counter()
     final = restore_tokens(policy, teacher, schedule, flow_cfg)
     seconds = (time.perf_counter() - start) / len(teacher)
-    decode = lambda tok: codec.decode(unpack(tok, teacher.height, teacher.width)).clamp(0, 1)  # noqa: E731
-    return {**score(decode(final), decode(teacher.gt), MetricConvention(), lpips_net), "sec_per_image": seconds}
+    decode = decoder(codec, teacher)
+    metrics = image_metrics(decode(final), decode(teacher.gt), lpips_net)
+    out = {k: float(v.double().mean()) for k, v in metrics.items()}
+    if per_image:
+        out["per_image"] = {k: v.double().tolist() for k, v in metrics.items()}
+    return {**out, "sec_per_image": seconds}
 
 
-@dataclass
-class DistillHParams:
-    budget: int
-    schedule: str
-    lr: float
-    teacher_weight: float
-    gt_weight: float
-    steps: int
-    batch_size: int
-    loss: str = "log_mse"
-    schedule_lr: float = 0.02
-    eval_every: int = 50
+def arm_settings(student: StudentConfig, arm: str, params: dict | None = None) -> StudentConfig:
+    """A trial's student settings: `distill.student`, then a sweep's sampled `params` (student keys), then
+    the arm's overrides (`ARMS`)."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown distillation arm {arm!r}; known: {', '.join(ARMS)}")
+    picked = {k: v for k, v in (params or {}).items() if k in StudentConfig.model_fields}
+    return StudentConfig.model_validate({**student.model_dump(), **picked, **ARMS[arm]})
 
 
-def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, cost: torch.Tensor | None, hp: DistillHParams,
-            report: Callable[[int, dict, LearnedSchedule, torch.optim.Optimizer], None], lpips_net=None, seed: int = 0,
-            start_step: int = 0, schedule_state: dict | None = None, optimizer_state: dict | None = None):
-    """Train `policy` (in place) as the K-step student on `teacher`; every `eval_every` steps (and at
-    step 0 of a fresh start) validate on `val` and call `report(step, metrics, schedule, optimizer)`,
-    which may checkpoint. Resume with `start_step` and the saved schedule/optimizer states.
+def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, init: list[float],
+            hp: StudentConfig, report: Callable[[int, dict, LearnedSchedule, torch.optim.Optimizer], None],
+            lpips_net=None, seed: int = 0, start_step: int = 0, schedule_state: dict | None = None,
+            optimizer_state: dict | None = None):
+    """Train `policy` (in place) as the student on the K-step schedule `init` (learned further when
+    `hp.schedule` is "learned"); every `eval_every` steps (and at step 0 of a fresh start) validate on
+    `val` and call `report(step, metrics, schedule, optimizer)`, which may checkpoint. Resume with
+    `start_step` and the saved schedule/optimizer states.
     """
-    schedule = LearnedSchedule(budget_schedule(hp.schedule, hp.budget, teacher.schedule, cost),
-                               learn=hp.schedule == "learned")
+    budget = len(init) - 1
+    schedule = LearnedSchedule(init, learn=hp.schedule == "learned")
     if schedule_state:
         schedule.load_state_dict(schedule_state)
     params = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": hp.lr}]
@@ -294,7 +349,7 @@ def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, co
         index = torch.randint(len(teacher), (hp.batch_size,), generator=gen)
         loss, _ = student_loss(policy, schedule, teacher, index, hp.teacher_weight, hp.gt_weight, hp.loss)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"distillation loss is {float(loss)} at step {step} (budget {hp.budget}, "
+            raise FloatingPointError(f"distillation loss is {float(loss)} at step {step} (budget {budget}, "
                                      f"schedule {hp.schedule}, lr {hp.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,3 +359,14 @@ def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, co
             metrics = validate(policy, codec, val, schedule.as_list(), cfg.flow, lpips_net)
             metrics["loss"] = loss.item()
             report(step, metrics, schedule, opt)
+
+
+def choose_export(candidates: list[dict], teacher: dict, metric: str) -> dict:
+    """What to export: among the candidates ({"budget", "validation": metrics, ...}) whose validation
+    `metric` is at least as good as the teacher's, the fewest steps (then the better metric); when none is,
+    the best candidate."""
+    sign = -1.0 if metric == "lpips" else 1.0
+    good = [c for c in candidates if sign * c["validation"][metric] >= sign * teacher[metric]]
+    if good:
+        return min(good, key=lambda c: (c["budget"], -sign * c["validation"][metric]))
+    return max(candidates, key=lambda c: sign * c["validation"][metric])

@@ -205,6 +205,18 @@ def export_source(run_dir: str | Path, budget: int | None = None) -> Path:
     raise ExportError(f"{run_dir}: no trained policy (distill/best/K*, rl/model or pretrain/model)")
 
 
+def stage2_choice(run_dir: str | Path) -> dict | None:
+    """Stage 2's export default (`<run>/distill/choice.json`: the fewest steps within the teacher's
+    validation quality) with its policy folder resolved, or None when stage 2 did not record one."""
+    path = Path(run_dir) / "distill" / "choice.json"
+    if not path.is_file():
+        return None
+    choice = json.loads(path.read_text())
+    folder = Path(choice["policy_dir"])
+    choice["policy_dir"] = folder if folder.is_absolute() else Path(run_dir) / folder
+    return choice
+
+
 def policy_schedules(card: dict, cfg) -> dict[int, list[float]]:
     """A student's own schedule ({budget: times}), or the configured evaluation schedules."""
     from fluxir.evaluate import eval_schedule

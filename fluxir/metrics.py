@@ -298,6 +298,19 @@ def load_lpips(weights_path: str | Path | None = None, requires_grad: bool = Fal
 # All together
 # ---------------------------------------------------------------------------------------------
 
+# AlexNet's last LPIPS maps are 1×1 on a 32 px crop: perceptual scores of small crops are taken on
+# bilinear upsamplings to at least this size.
+LPIPS_MIN_SIZE = 64
+
+
+def at_least(images: torch.Tensor, size: int = LPIPS_MIN_SIZE) -> torch.Tensor:
+    """Images (B, 3, H, W) upsampled bilinearly so that their shorter side is at least `size`."""
+    short = min(images.shape[-2:])
+    if short >= size:
+        return images
+    return torch.nn.functional.interpolate(images, scale_factor=size / short, mode="bilinear", align_corners=False)
+
+
 def compute_metrics(pred: torch.Tensor, target: torch.Tensor,
                     convention: MetricConvention = MetricConvention(),
                     lpips: LPIPS | None = None) -> dict[str, torch.Tensor]:

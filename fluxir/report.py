@@ -232,56 +232,123 @@ def teacher_curve_table(teacher: dict) -> str:
     return "\n".join(lines)
 
 
-def budget_table(evals: dict, budgets: list[int], teacher_nfe: int) -> str:
-    """Per budget K: the teacher on the uniform and cost-DP schedules (no distillation), and the student."""
-    metrics = _metrics_present(evals["teacher"])
-    cols = [("uniform", lambda k: evals["teacher"] if k in evals["teacher"]["nfe"] else None),
-            ("cost-DP", lambda k: evals["cost_dp"]), ("student", lambda k: evals["students"].get(k))]
-    head = " | ".join(f"{name} {m.upper()}" for name, _ in cols for m in metrics)
-    lines = [f"| K | {head} |", "|---:|" + "---:|" * (len(cols) * len(metrics))]
-    for k in budgets:
-        cells = []
-        for _, pick in cols:
-            res = pick(k)
-            cells += _cells(mean_metrics(res, k) if res and k in res["nfe"] else None, metrics)
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    t = mean_metrics(evals["teacher"], teacher_nfe)
-    lines.append(f"| teacher N={teacher_nfe} | " + " | ".join(_cells(t, metrics)) + " |"
-                 + " |" * (len(cols) * len(metrics) - len(metrics)))
-    return "\n".join(lines)
-
-
 def _times(schedule: list[float]) -> str:
     return "[" + ", ".join(f"{t:.3g}" for t in schedule) + "]"
 
 
+# Stage 2's arms at budget K (name in the stage-2 evaluations -> label); the student is compared with each.
+DISTILL_ARMS = {"teacher": "teacher, uniform K", "shifted": "teacher, shifted K", "searched": "teacher, searched K",
+                "uniform-student": "control: uniform-schedule student", "gt-only": "control: GT-only fine-tune"}
+
+
+def distill_arm(evals: dict, name: str, k: int) -> dict | None:
+    """Stage 2's evaluation of arm `name` at budget `k` (None when it did not run)."""
+    if name == "student":
+        return evals["students"].get(k)
+    if name in ("uniform-student", "gt-only"):
+        return evals["controls"].get(k, {}).get(name)
+    result = evals[name]
+    return result if k in result["nfe"] else None
+
+
+def budget_table(evals: dict, budgets: list[int], teacher_nfe: int) -> str:
+    """Per budget K, means over tasks: the teacher on uniform, shifted and searched times (no distillation),
+    the student and its controls; and the teacher on its own N steps."""
+    metrics = _metrics_present(evals["teacher"])
+    names = ["teacher", "shifted", "searched", "student", "uniform-student", "gt-only"]
+    labels = {**DISTILL_ARMS, "student": "student"}
+    lines = ["| K | arm | " + " | ".join(m.upper() for m in metrics) + " | s/image |",
+             "|---:|---|" + "---:|" * (len(metrics) + 1)]
+    for k in budgets:
+        for name in names:
+            res = distill_arm(evals, name, k)
+            if res is not None:
+                m = mean_metrics(res, k)
+                lines.append(f"| {k} | {labels[name]} | " + " | ".join(_cells(m, metrics))
+                             + f" | {m['sec_per_image']:.4f} |")
+    t = mean_metrics(evals["teacher"], teacher_nfe)
+    lines.append(f"| {teacher_nfe} | teacher N={teacher_nfe} | " + " | ".join(_cells(t, metrics))
+                 + f" | {t['sec_per_image']:.4f} |")
+    return "\n".join(lines)
+
+
+def distill_comparisons(evals: dict, budgets: list[int], teacher_nfe: int, metrics: list[str]) -> list[dict]:
+    """The student at each budget minus every other arm at that budget and the N-step teacher: per metric
+    the paired, task-stratified bootstrap result (fluxir.stats.compare)."""
+    from fluxir.stats import compare
+
+    rows = []
+    for k in budgets:
+        student = distill_arm(evals, "student", k)
+        if student is None:
+            continue
+        others = [(DISTILL_ARMS[n], distill_arm(evals, n, k), k) for n in DISTILL_ARMS]
+        others.append((f"teacher N={teacher_nfe}", evals["teacher"], teacher_nfe))
+        for label, other, nfe_b in others:
+            if other is not None:
+                rows.append({"budget": k, "other": label,
+                             **{m: compare(student, other, k, m, nfe_b) for m in metrics}})
+    return rows
+
+
+def comparisons_table(rows: list[dict]) -> str:
+    """`distill_comparisons`' rows as a Markdown section."""
+    from fluxir.stats import interval_cell
+
+    metrics = [m for m in rows[0] if m in METRIC_FORMAT] if rows else []
+    table = ["| K | student minus | " + " | ".join(m.upper() for m in metrics) + " |",
+             "|---:|---|" + "---:|" * len(metrics)]
+    table += [f"| {r['budget']} | {r['other']} | " + " | ".join(interval_cell(r[m]) for m in metrics) + " |"
+              for r in rows]
+    return ("### The student minus each arm, paired over the test crops\n\nMean over tasks and its 95 % bootstrap "
+            "interval (crops resampled within each task); ✓: student better, ✗: student worse.\n\n" + "\n".join(table))
+
+
+def distillation_verdict(rows: list[dict], metric: str) -> dict[int, list[str]]:
+    """Per budget, the K-step arms (not the N-step teacher) the student did not beat on `metric`."""
+    out: dict[int, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["budget"], [])
+        if not r["other"].startswith("teacher N=") and r[metric]["verdict"] != "A better":
+            out[r["budget"]].append(r["other"])
+    return out
+
+
 def distill_section(evals: dict, out: dict, cfg, command: str) -> str:
-    """Stage 2: teacher curve, the per-budget comparison, per-task tables at the middle budget, schedules."""
-    d = cfg.distill
-    shared = out["shared"]
-    parts = ["## Stage 2: cost-aware trajectory distillation",
+    """Stage 2: teacher curve, each budget's arms, the student minus each with paired intervals, whether
+    distillation paid, the schedules, and what the export picks."""
+    d, shared = cfg.distill, out["shared"]
+    st = d.student
+    metrics = _metrics_present(evals["teacher"])
+    judged = out["metric"]
+    rows = distill_comparisons(evals, list(d.budgets), d.teacher_nfe, [m for m in ("psnr", "lpips") if m in metrics])
+    parts = ["## Stage 2: trajectory distillation",
              f"Reproduce: `{command}`",
-             f"Teacher: `{shared['teacher_dir']}` on a {d.teacher_nfe}-step uniform ODE; "
+             f"Teacher: `{shared['teacher_dir']}` on its {d.teacher_nfe}-step {d.teacher_schedule} ODE; "
              f"{d.calibration_size} calibration and {d.validation_size} validation crops of the training photos. "
-             f"Students: {d.steps} steps each, schedule `{d.schedule}`, lr {d.lr:g}, teacher weight "
-             f"{d.teacher_weight:g}, GT weight {d.gt_weight:g} ({d.loss}). Test set: the frozen one; "
-             f"{evals['teacher']['convention']}.",
-             "### Teacher curve (uniform ODE, mean over tasks)\n\n" + teacher_curve_table(evals["teacher"]),
-             "### Step budgets (mean over tasks): no distillation on uniform / cost-DP times, and the student\n\n"
-             + budget_table(evals, list(d.budgets), d.teacher_nfe)]
-    lines = []
-    for k in d.budgets:
-        student = out["best"].get(k)
-        lines.append(f"- K={k}: cost-DP {_times(shared['schedules']['cost_dp'][k])}"
-                     + (f"; student {_times(student['schedule'])}" if student else "; student: none (trial failed)"))
+             f"Schedule search: {judged.upper()} of the K-step sampler on the calibration crops, times on multiples "
+             f"of 1/{d.search_grid}. Students: {st.steps} steps, schedule `{st.schedule}`, lr {st.lr:g}, teacher "
+             f"weight {st.teacher_weight:g}, GT weight {st.gt_weight:g} ({st.loss}); controls with the same settings "
+             f"and seed: a uniform-schedule student and a GT-only fine-tune. Best trial per budget by validation "
+             f"{judged.upper()}. Test set: the frozen one; {evals['teacher']['convention']}.",
+             "### Teacher curve (mean over tasks)\n\n" + teacher_curve_table(evals["teacher"]),
+             "### Step budgets (mean over tasks)\n\n" + budget_table(evals, list(d.budgets), d.teacher_nfe)]
+    if rows:
+        parts.append(comparisons_table(rows))
+        verdict = distillation_verdict(rows, judged)
+        parts.append("Did distillation pay (judged on " + judged.upper() + ")?\n\n" + "\n".join(
+            f"- K={k}: " + ("yes: the student beats every K-step arm." if not lost else
+                            "no: not better than " + "; ".join(lost) + ".") for k, lost in verdict.items()))
+    lines = [f"- K={k}: searched {_times(shared['schedules']['searched'][k])}"
+             + (f"; student {_times(out['best'][k]['schedule'])}" if k in out["best"] else "; student: none (trial failed)")
+             for k in d.budgets]
     parts.append("Schedules (times from t_start to 0):\n\n" + "\n".join(lines))
-    mid = sorted(d.budgets)[len(d.budgets) // 2]
-    named = {"uniform": evals["teacher"], "cost-DP": evals["cost_dp"]}
-    if mid in evals["students"]:
-        named["student"] = evals["students"][mid]
-    named = {n: r for n, r in named.items() if mid in r["nfe"]}
-    for metric in _metrics_present(evals["teacher"]):
-        parts.append(f"### {metric.upper()} per task at K={mid}\n\n" + comparison_table(named, metric, mid))
+    choice = out.get("choice")
+    if choice:
+        parts.append(f"Export default (`fluxir export`): {choice['name']} at K={choice['budget']} "
+                     f"({_times(choice['schedule'])}): the fewest steps whose validation {choice['metric'].upper()} "
+                     f"({choice['validation'][choice['metric']]:.4f}) is at least the N-step teacher's "
+                     f"({choice['teacher_validation'][choice['metric']]:.4f}).")
     return "\n\n".join(parts)
 
 
@@ -336,27 +403,32 @@ def write_pareto_plot(path: Path, rows: list[dict], title: str = "sweep: quality
     return path
 
 
-def sweep_section(out: dict, evals: dict[int, dict], sweep, command: str, plot: str) -> str:
+def sweep_section(out: dict, evals: dict, sweep, command: str, plot: str, teacher_nfe: int) -> str:
     """The sweep's trials (validation), its Pareto front, and each budget's best student on the test set."""
     rows, metric = out["rows"], sweep.metric
     stopped = sum(r["stopped_early"] for r in rows)
     key, sign = quality_key(metric)
     front = set(pareto_front([(r["params"]["budget"], sign * r["metrics"][key]) for r in rows]))
-    lines = ["| # | K | schedule | lr | teacher w | GT w | steps | val PSNR | val LPIPS | val " + metric
+    lines = ["| # | K | arm | schedule | lr | teacher w | GT w | steps | val PSNR | val LPIPS | val " + metric
              + f" | front (NFE vs val {key}) |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["params"]["budget"], -rows[i]["metrics"][metric]))
     for i in order:
         r, p = rows[i], rows[i]["params"]
-        lines.append(f"| {i} | {p['budget']} | {p.get('schedule', '')} | {p.get('lr', float('nan')):.2g} | "
+        lines.append(f"| {i} | {p['budget']} | {p['arm']} | {p.get('schedule', '')} | {p.get('lr', float('nan')):.2g} | "
                      f"{p.get('teacher_weight', '')} | {p.get('gt_weight', '')} | {r['step']}"
                      f"{' (ASHA stop)' if r['stopped_early'] else ''} | {_fmt(r['metrics'], 'psnr')} | "
                      f"{_fmt(r['metrics'], 'lpips')} | {r['metrics'][metric]:.3f} | {'✓' if i in front else ''} |")
-    test = ["| K | schedule | PSNR | SSIM | LPIPS | s/image (test set, sequential) |", "|---:|---|---:|---:|---:|---:|"]
-    for k, res in evals.items():
-        m = mean_metrics(res, k)
-        test.append(f"| {k} | {_times(out['best'][k]['schedule'])} | {_fmt(m, 'psnr')} | {_fmt(m, 'ssim')} | "
-                    f"{_fmt(m, 'lpips')} | {m['sec_per_image']:.4f} |")
+    test = ["| K | arm | schedule | PSNR | SSIM | LPIPS | s/image (test set, sequential) |",
+            "|---:|---|---|---:|---:|---:|---:|"]
+    labels = {**DISTILL_ARMS, "student": "best student"}
+    for k in sorted(out["best"]):
+        for name in ("student", "uniform-student", "gt-only", "teacher", "searched", "shifted"):
+            res = distill_arm(evals, name, k)
+            if res is not None:
+                m = mean_metrics(res, k)
+                test.append(f"| {k} | {labels[name]} | {_times(res['schedules'][k])} | {_fmt(m, 'psnr')} | "
+                            f"{_fmt(m, 'ssim')} | {_fmt(m, 'lpips')} | {m['sec_per_image']:.4f} |")
     return "\n\n".join([
         "## Stage 2 sweep: step budget, schedule, loss weights, learning rate (Ray Tune + ASHA)",
         f"Reproduce: `{command}`",
@@ -365,4 +437,7 @@ def sweep_section(out: dict, evals: dict[int, dict], sweep, command: str, plot: 
         f"Metric `{metric}` ({sweep.mode}) on the validation crops.",
         "### Trials (validation)\n\n" + "\n".join(lines),
         f"![Pareto]({plot})",
-        "### Best student per budget on the frozen test set (the Pareto table)\n\n" + "\n".join(test)])
+        "### Best student per budget, its controls and the undistilled teacher on the frozen test set (the Pareto "
+        "table)\n\n" + "\n".join(test),
+        comparisons_table(distill_comparisons(evals, sorted(out["best"]), teacher_nfe,
+                                              [m for m in ("psnr", "lpips") if m in _metrics_present(evals["teacher"])]))])

@@ -35,7 +35,7 @@ from fluxir import flow
 from fluxir.codec import image_ids, pack, unpack
 from fluxir.config import Config
 from fluxir.data import mix_seed
-from fluxir.metrics import compute_metrics
+from fluxir.metrics import at_least, compute_metrics
 from fluxir.objectives import (LOG_MSE_EPS, flow_matching_per_sample, flow_matching_reading, per_sample_mse,
                                per_sample_regression, sample_times)
 from fluxir.pretrain import flow_matching_prediction
@@ -233,14 +233,6 @@ def combine_reward(metrics: dict[str, torch.Tensor], weights) -> torch.Tensor:
     if weights.lpips > 0:
         reward = reward - weights.lpips * metrics["lpips"]
     return reward
-
-
-def at_least(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Images (B, 3, H, W) upsampled bilinearly so that their shorter side is at least `size`."""
-    short = min(images.shape[-2:])
-    if short >= size:
-        return images
-    return torch.nn.functional.interpolate(images, scale_factor=size / short, mode="bilinear", align_corners=False)
 
 
 def score(final: torch.Tensor, gt: torch.Tensor, weights, lpips=None) -> dict[str, torch.Tensor]:

@@ -65,7 +65,10 @@ def test_run_writes_report_table_and_grids(smoke_run):
     assert (run_dir / "pretrain" / "model" / "policy.safetensors").is_file()
     from fluxir.export import verify_export
 
-    assert verify_export(run_dir / "export")["source"]["stage"] == "distill"  # `fluxir run` ends with the export
+    choice = json.loads((run_dir / "distill" / "choice.json").read_text())
+    manifest = verify_export(run_dir / "export")  # `fluxir run` ends with the export: stage 2's choice
+    assert manifest["source"]["policy_dir"] == str((run_dir / choice["policy_dir"]).resolve())
+    assert manifest["default_budget"] == choice["budget"] and manifest["source"]["choice"] == choice["name"]
 
 
 def test_run_includes_stage1_with_wandb_offline(smoke_run):
@@ -82,48 +85,71 @@ def test_run_includes_stage1_with_wandb_offline(smoke_run):
 
 
 def test_run_includes_stage2_students_per_budget(smoke_run):
-    """Stage 2 of `fluxir run`: teacher = the RL policy, one Tune-trained student per budget, evaluated."""
+    """Stage 2 of `fluxir run`: teacher = the RL policy, per budget a Tune-trained student and its two
+    controls, the searched schedules, all evaluated; the export choice judged on validation."""
     from fluxir.flow import check_schedule
     from fluxir.rollouts import read_parquet, schedule_of
 
     run_dir, _ = smoke_run
     report = (run_dir / "report.md").read_text()
-    assert "## Stage 2: cost-aware trajectory distillation" in report and "| teacher N=4 |" in report
+    assert "## Stage 2: trajectory distillation" in report and "| 4 | teacher N=4 |" in report
+    assert "| 2 | control: GT-only fine-tune |" in report and "Did distillation pay" in report
     result = json.loads((run_dir / "distill.json").read_text())
     assert sorted(result["students"]) == ["1", "2"]
     for k, student in result["students"].items():
         card = json.loads((Path(student["model_dir"]) / "policy.json").read_text())
         assert card["budget"] == int(k) and card["step"] == 4 and len(check_schedule(card["schedule"])) == int(k) + 1
+        assert card["arm"] == "student" and card["schedule_kind"] == "searched"
+        assert card["schedule"] == result["schedules"]["searched"][k]
         assert set(result["evals"]["students"][k]["nfe"]) == {int(k)}
+        controls = result["controls"][k]
+        assert controls["uniform-student"]["schedule"] == result["schedules"]["uniform"][k]
+        assert controls["gt-only"]["params"]["teacher_weight"] == 0 and controls["gt-only"]["schedule"] == card["schedule"]
+        assert set(result["evals"]["controls"][k]) == {"uniform-student", "gt-only"}
     assert set(result["evals"]["teacher"]["nfe"]) == {1, 2, 4}
+    assert result["searched"]["2"]["evaluations"] >= 1
     teacher = json.loads((run_dir / "distill" / "teacher.json").read_text())
-    assert teacher["teacher"].endswith("rl/model")
+    assert teacher["identity"]["teacher"].endswith("rl/model")
     table = read_parquet(run_dir / "distill" / "teacher_calibration.parquet")
     assert table.num_rows == 16 and schedule_of(table)[0] == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert tuple(table.column("states").type.shape) == (5, 64, 12)
+    choice = result["choice"]
+    assert choice["metric"] == "psnr" and choice["validation"]["psnr"] >= choice["teacher_validation"]["psnr"]
+    assert all(c["budget"] >= choice["budget"] for c in choice["candidates"]
+               if c["validation"]["psnr"] >= choice["teacher_validation"]["psnr"])
 
 
 @pytest.mark.slow  # ~20 s: a Tune sweep and its restore; CI runs it (`make test-slow`)
 def test_two_trial_sweep_with_asha_and_resume(smoke_run):
-    """`fluxir sweep` on a real local Ray: 2 trials (budgets 1, 2), the Pareto table, best per budget;
-    `--resume` restores the finished experiment instead of training again."""
+    """`fluxir sweep` on a real local Ray: 2 trials (budgets 1, 2), the Pareto table, best per budget, then
+    each best student's two controls with its settings; `--resume` restores the finished experiments
+    instead of training again."""
     run_dir, args = smoke_run
     sweep = str(ROOT / "configs/sweeps/smoke.yaml")
     assert main(["sweep", *args[1:], "--sweep", sweep]) == 0
     result = json.loads((run_dir / "sweep.json").read_text())
-    assert result["trials"] == 2 and result["errored"] == 0
-    assert sorted(r["params"]["budget"] for r in result["rows"]) == [1, 2]
-    assert all(r["params"]["schedule"] == "learned" for r in result["rows"])
+    assert result["trials"] == 6 and result["errored"] == 0
+    students = [r for r in result["rows"] if r["params"]["arm"] == "student"]
+    assert sorted(r["params"]["budget"] for r in students) == [1, 2]
+    assert all(r["params"]["schedule"] == "learned" for r in students)
+    for student in students:
+        controls = {r["params"]["arm"]: r["params"] for r in result["rows"]
+                    if r["params"]["arm"] != "student" and r["params"]["budget"] == student["params"]["budget"]}
+        assert sorted(controls) == ["gt-only", "uniform-student"]
+        assert controls["uniform-student"] == {**student["params"], "arm": "uniform-student", "schedule": "uniform"}
+        assert controls["gt-only"] == {**student["params"], "arm": "gt-only", "teacher_weight": 0.0}
     schedules = json.loads((run_dir / "sweep" / "schedules.json").read_text())
     assert sorted(schedules) == ["1", "2"] and schedules["1"] == [1.0, 0.0]
     for k in (1, 2):
         assert (run_dir / "sweep" / "best" / f"K{k}" / "policy.safetensors").is_file()
     report = (run_dir / "sweep_report.md").read_text()
-    assert "Best student per budget on the frozen test set" in report and "stopped early by ASHA" in report
+    assert "Best student per budget, its controls" in report and "stopped early by ASHA" in report
+    assert "| 2 | control: uniform-schedule student |" in report
     assert (run_dir / "sweep_pareto.png").stat().st_size > 1000
-    stamp = {p: p.stat().st_mtime for p in (run_dir / "sweep" / "trials").rglob("trainer.pt")}
+    stamp = {p: p.stat().st_mtime for p in (run_dir / "sweep").glob("*trials/**/trainer.pt")}
+    assert len(stamp) >= 6
     assert main(["sweep", *args[1:], "--sweep", sweep, "--resume"]) == 0
-    assert {p: p.stat().st_mtime for p in (run_dir / "sweep" / "trials").rglob("trainer.pt")} == stamp
+    assert {p: p.stat().st_mtime for p in (run_dir / "sweep").glob("*trials/**/trainer.pt")} == stamp
 
 
 @pytest.mark.slow  # ~40 s: a second stage-0 start; CI runs it (`make test-slow`)
@@ -191,11 +217,18 @@ def test_wandb_offline_runs_hold_figures_and_images(smoke_run):
 
 
 def test_export_of_the_run_and_restore_from_it(smoke_run, tmp_path):
-    """`fluxir export` picks the fewest-step student, carries its test-set means; `restore --model` uses it."""
+    """`fluxir export` picks stage 2's choice and carries its test-set means; `--budget 1` the 1-step
+    student; `restore --model` uses the export."""
     run_dir, _ = smoke_run
+    choice = json.loads((run_dir / "distill" / "choice.json").read_text())
     out = tmp_path / "export"
     assert main(["export", str(run_dir), str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
+    k = str(choice["budget"])
+    assert manifest["default_budget"] == choice["budget"] and manifest["budgets"][k]["times"] == choice["schedule"]
+    assert manifest["budgets"][k]["metrics"]["psnr"] == pytest.approx(choice["test"]["psnr"]) and choice["test"]["psnr"] > 5
+    assert main(["export", str(run_dir), str(tmp_path / "k1"), "--budget", "1"]) == 0
+    manifest = json.loads((tmp_path / "k1" / "manifest.json").read_text())
     assert manifest["source"]["stage"] == "distill" and manifest["default_budget"] == 1
     assert manifest["budgets"]["1"]["metrics"]["psnr"] > 5
     image = torch.rand(3, 40, 40)

@@ -1,8 +1,9 @@
-"""Stage 2 math: exact-K DP against brute force, the cost matrix against a direct loop, teacher
-interpolation, learned schedules, resumable student training, sweep-file validation."""
+"""Stage 2 math: the schedule search on a flow of known curvature, teacher interpolation, learned
+schedules, the arms and the export choice, resumable student training, sweep-file validation."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from pathlib import Path
 
@@ -17,32 +18,90 @@ from fluxir.report import pareto_front
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _random_cost(n: int, gen: torch.Generator) -> torch.Tensor:
-    c = torch.rand(n + 1, n + 1, generator=gen, dtype=torch.float64)
-    return torch.where(torch.ones_like(c).triu(1).bool(), c, torch.full_like(c, math.inf))
+# A 1-D rectified flow with a closed-form velocity: x0 from two narrow modes at ±1 (σ 0.05), x1 ~ N(0, 1).
+# Its paths bend late (small t), where the posterior picks a mode, so uniform steps waste the budget.
+GMM_MEANS, GMM_SIGMA = torch.tensor([-1.0, 1.0], dtype=torch.float64), 0.05
 
 
-@pytest.mark.parametrize("n", [2, 3, 5, 7, 8])
-def test_dp_matches_brute_force(n):
-    gen = torch.Generator().manual_seed(n)
-    for trial in range(5):
-        cost = _random_cost(n, gen)
-        for k in range(1, n + 1):
-            nodes, total = D.min_cost_path(cost, k)
-            bf_nodes, bf_total = D.brute_force_path(cost, k)
-            assert total == pytest.approx(bf_total, abs=1e-12)
-            assert len(nodes) == k + 1 and nodes[0] == 0 and nodes[-1] == n
-            assert all(a < b for a, b in zip(nodes, nodes[1:]))
-            assert total == pytest.approx(sum(float(cost[a, b]) for a, b in zip(nodes, nodes[1:])))
+def _gmm_velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+    """E[x1 − x0 | x_t = x]: per mode, Gaussian conditioning; modes weighted by their posterior."""
+    var = (1 - t) ** 2 * GMM_SIGMA ** 2 + t ** 2
+    d = x[:, None] - (1 - t) * GMM_MEANS[None]
+    weight = torch.softmax(-0.5 * d ** 2 / var, 1)
+    x0 = GMM_MEANS[None] + (1 - t) * GMM_SIGMA ** 2 / var * d
+    x1 = t / var * d
+    return (weight * (x1 - x0)).sum(1)
 
 
-def test_dp_finds_a_planted_cheap_path():
-    cost = _random_cost(6, torch.Generator().manual_seed(0)) + 1.0
-    for a, b in [(0, 2), (2, 5), (5, 6)]:
-        cost[a, b] = 0.01
-    assert D.min_cost_path(cost, 3) == ([0, 2, 5, 6], pytest.approx(0.03))
-    with pytest.raises(ValueError, match="step budget 7"):
-        D.min_cost_path(cost, 7)
+def _euler(x: torch.Tensor, schedule: list[float]) -> torch.Tensor:
+    for t, s in zip(schedule, schedule[1:]):
+        x = x + (s - t) * _gmm_velocity(x, t)
+    return x
+
+
+@pytest.fixture(scope="module")
+def gmm_cost():
+    x1 = torch.randn(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = _euler(x1, [1 - i / 4000 for i in range(4001)])
+    return lambda schedule: float((_euler(x1, schedule) - exact).pow(2).mean())
+
+
+@pytest.mark.parametrize("budget", [2, 3, 4])
+def test_search_finds_the_best_schedule_of_a_curved_flow(gmm_cost, budget):
+    """On the two-mode flow the search reaches the exhaustive optimum on its grid, which beats uniform steps
+    by at least 4x in endpoint error (measured: 4.2x, 12.8x, 12.5x at K = 2, 3, 4)."""
+    grid = D.search_grid(1.0, 20)
+    uniform = gmm_cost(D.budget_schedule("uniform", budget, 1.0))
+    optimum = min(gmm_cost([1.0, *(grid[i] for i in inner), 0.0])
+                  for inner in itertools.combinations(range(1, 20), budget - 1))
+    starts = {kind: D.budget_schedule(kind, budget, 1.0, 3.0) for kind in ("uniform", "shifted")}
+    found = D.search_schedule(gmm_cost, budget, 1.0, 20, starts)
+    assert found.cost == pytest.approx(optimum, rel=1e-9) and gmm_cost(found.schedule) == found.cost
+    assert found.cost < uniform / 4
+    assert found.evaluations < math.comb(19, budget - 1) or budget == 2  # fewer tries than the exhaustive scan
+    assert flow.check_schedule(found.schedule) and len(found.schedule) == budget + 1
+    assert min(found.schedule[1:-1]) < 0.5  # the late bend gets the steps
+
+
+def test_search_respects_order_and_memoises():
+    calls = []
+
+    def cost(schedule):
+        calls.append(tuple(schedule))
+        return sum((t - 0.5) ** 2 for t in schedule[1:-1])  # every interior time wants 0.5: only one can have it
+
+    found = D.search_schedule(cost, 3, 1.0, 10, {"uniform": [1.0, 2 / 3, 1 / 3, 0.0]})
+    assert len(calls) == len(set(calls)) == found.evaluations
+    assert found.schedule in ([1.0, 0.6, 0.5, 0.0], [1.0, 0.5, 0.4, 0.0])
+    assert D.search_schedule(cost, 1, 1.0, 10, {"uniform": [1.0, 0.0]}).schedule == [1.0, 0.0]
+    with pytest.raises(ValueError, match="budget 12"):
+        D.search_schedule(cost, 12, 1.0, 10, {})
+
+
+def test_choose_export_takes_the_fewest_steps_within_the_teachers_quality():
+    teacher = {"lpips": 0.20, "psnr": 24.0}
+    cands = [{"name": "a", "budget": 1, "validation": {"lpips": 0.21, "psnr": 24.5}},
+             {"name": "b", "budget": 2, "validation": {"lpips": 0.199, "psnr": 23.0}},
+             {"name": "c", "budget": 2, "validation": {"lpips": 0.195, "psnr": 23.5}},
+             {"name": "d", "budget": 4, "validation": {"lpips": 0.19, "psnr": 24.1}}]
+    assert D.choose_export(cands, teacher, "lpips")["name"] == "c"
+    assert D.choose_export(cands, teacher, "psnr")["name"] == "a"
+    assert D.choose_export(cands[:1], teacher, "lpips")["name"] == "a"  # none within: the best there is
+
+
+def test_arm_settings_override_the_student_and_the_sweep():
+    from fluxir.config import StudentConfig
+
+    student = StudentConfig(lr=1e-4, gt_weight=0.5, schedule="learned")
+    assert D.arm_settings(student, "student", {"lr": 3e-5, "budget": 2}).lr == 3e-5
+    uniform = D.arm_settings(student, "uniform-student", {"lr": 3e-5})
+    assert (uniform.schedule, uniform.lr, uniform.teacher_weight) == ("uniform", 3e-5, 1.0)
+    gt_only = D.arm_settings(student, "gt-only")
+    assert (gt_only.schedule, gt_only.teacher_weight, gt_only.gt_weight) == ("learned", 0.0, 0.5)
+    with pytest.raises(ValueError, match="unknown distillation arm"):
+        D.arm_settings(student, "ema")
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        D.arm_settings(StudentConfig(gt_weight=0.0), "gt-only")
 
 
 def _teacher(m=3, n=5, tokens=4, channels=3, seed=0) -> D.TeacherSet:
@@ -50,26 +109,6 @@ def _teacher(m=3, n=5, tokens=4, channels=3, seed=0) -> D.TeacherSet:
     states = torch.randn(m, n + 1, tokens, channels, generator=gen)
     lq = torch.randn(m, tokens, channels, generator=gen)
     return D.TeacherSet(flow.uniform_schedule(n), states, lq, lq.clone(), torch.zeros(m, dtype=torch.long), 2, 4)
-
-
-def test_cost_matrix_matches_a_direct_loop():
-    teacher = _teacher()
-    t = teacher.schedule
-    n = len(t) - 1
-    cost = D.cost_matrix(teacher)
-    for a in range(n + 1):
-        for b in range(n + 1):
-            if a >= b:
-                assert math.isinf(cost[a, b])
-                continue
-            per_input = []
-            for i in range(len(teacher)):
-                x = teacher.states[i].double()
-                v_a = (x[a + 1] - x[a]) / (t[a + 1] - t[a])     # the Euler teacher's velocity at a
-                jump = x[a] + (t[b] - t[a]) * v_a
-                per_input.append(float((x[b] - jump).pow(2).mean().sqrt()) / (t[a] - t[b]))
-            assert float(cost[a, b]) == pytest.approx(sum(per_input) / len(per_input), rel=1e-9)
-    assert torch.allclose(torch.diagonal(cost, 1), torch.zeros(n, dtype=torch.float64), atol=1e-6)
 
 
 def test_teacher_at_is_exact_on_the_grid_linear_between_and_differentiable():
@@ -97,14 +136,15 @@ def test_learned_schedule_starts_at_its_init_and_stays_monotone():
 
 
 def test_budget_schedules():
-    teacher = _teacher(n=6)
-    cost = D.cost_matrix(teacher)
-    assert D.budget_schedule("uniform", 2, teacher.schedule, cost) == [1.0, 0.5, 0.0]
-    assert D.budget_schedule("cost_dp", 6, teacher.schedule, cost) == teacher.schedule
-    nodes, _ = D.min_cost_path(cost, 3)
-    assert D.budget_schedule("learned", 3, teacher.schedule, cost) == [teacher.schedule[i] for i in nodes]
+    searched = {3: [1.0, 0.6, 0.2, 0.0]}
+    assert D.budget_schedule("uniform", 2, 1.0) == [1.0, 0.5, 0.0]
+    assert D.budget_schedule("shifted", 2, 1.0, 3.0) == [1.0, 0.75, 0.0]
+    assert D.budget_schedule("searched", 3, 1.0, searched=searched) == searched[3]
+    assert D.budget_schedule("learned", 3, 1.0, searched=searched) == searched[3]
+    with pytest.raises(ValueError, match="needs the searched schedule"):
+        D.budget_schedule("searched", 2, 1.0, searched=searched)
     with pytest.raises(ValueError, match="unknown schedule kind"):
-        D.budget_schedule("cosine", 2, teacher.schedule, cost)
+        D.budget_schedule("cosine", 2, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +180,13 @@ def test_student_sampler_matches_the_ode_sampler(smoke_teacher):
 
 def _distil(cfg, codec, policy, teacher, steps, kind="learned", **resume):
     """Train a copy of `policy` (or resume `resume['student']`); returns it and every report's states."""
+    from fluxir.config import StudentConfig
+
     student = resume.pop("student", None) or copy.deepcopy(policy)
-    hp = D.DistillHParams(budget=2, schedule=kind, lr=3e-4, teacher_weight=1.0, gt_weight=0.5, steps=steps,
-                          batch_size=8, eval_every=5)
+    hp = StudentConfig(schedule=kind, lr=3e-4, teacher_weight=1.0, gt_weight=0.5, steps=steps, batch_size=8,
+                       eval_every=5)
     reports = []
-    D.distill(student, codec, cfg, teacher, teacher, D.cost_matrix(teacher), hp,
+    D.distill(student, codec, cfg, teacher, teacher, [1.0, 0.4, 0.0], hp,
               lambda step, m, sched, opt: reports.append((step, copy.deepcopy(sched.state_dict()),
                                                           copy.deepcopy(opt.state_dict()))),
               seed=3, **resume)
@@ -160,7 +202,7 @@ def _loss(policy, teacher, schedule_state) -> float:
 
 def test_distillation_lowers_the_loss(smoke_teacher):
     cfg, codec, policy, teacher = smoke_teacher
-    student, reports = _distil(cfg, codec, policy, teacher, steps=20, kind="cost_dp")
+    student, reports = _distil(cfg, codec, policy, teacher, steps=20, kind="searched")
     assert [r[0] for r in reports] == [0, 5, 10, 15, 20]
     assert _loss(student, teacher, reports[-1][1]) < _loss(policy, teacher, reports[0][1]) - 0.5
 
@@ -181,7 +223,7 @@ def test_distillation_resumes_exactly(smoke_teacher):
 
 def test_sweep_file_is_validated(tmp_path):
     sweep = load_sweep(ROOT / "configs/sweeps/distill.yaml")
-    assert sweep.metric == "psnr_gain" and sweep.asha.grace_period == 40 and "budget" in sweep.space
+    assert sweep.metric == "lpips_gain" and sweep.asha.grace_period == 40 and sweep.space["budget"] == {"grid": [2, 4]}
     bad = tmp_path / "bad.yaml"
     bad.write_text("space: {budget: {grid: [1]}, momentum: 0.9}\n")
     with pytest.raises(ConfigError, match="momentum"):
@@ -206,3 +248,29 @@ def test_search_space_from_yaml():
 def test_pareto_front():
     points = [(1, 20.0), (2, 21.0), (2, 20.5), (4, 21.0), (4, 22.0), (1, 19.0)]
     assert pareto_front(points) == [0, 1, 4]
+
+
+def test_prepare_reads_its_record_back_on_resume(tmp_path, smoke_teacher):
+    """`--resume` reuses the stored teacher sets (Parquet), searched schedules and baselines when the
+    teacher weights and settings match, and computes them again when they do not."""
+    from actors.distill import prepare
+    from fluxir.policy import save_policy
+
+    cfg, _, policy, _ = smoke_teacher
+    save_policy(policy, tmp_path / "teacher", cfg)
+    overrides = [f"output_dir={tmp_path}", f"distill.teacher={tmp_path / 'teacher'}"]
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    first = prepare(cfg, stage)
+    again = prepare(cfg, stage, resume=True)
+    assert not first["reused"] and again["reused"]
+    for name in ("calibration", "validation"):
+        a, b = first[name], again[name]
+        assert a.schedule == b.schedule and (a.height, a.width) == (b.height, b.width)
+        for key in ("states", "lq", "gt", "task"):
+            torch.testing.assert_close(getattr(a, key), getattr(b, key))
+    assert again["schedules"] == first["schedules"] and again["baselines"] == first["baselines"]
+    assert sorted(first["searched"]) == [1, 2] and len(first["schedules"]["searched"][2]) == 3
+    other = load_config(ROOT / "configs/smoke.yaml", [*overrides, "seed=1"])
+    assert not prepare(other, stage, resume=True)["reused"]

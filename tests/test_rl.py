@@ -279,9 +279,12 @@ def test_nft_gradient_is_signed_by_the_optimality():
     assert rl.optimality(torch.tensor([-3.0, 0.0, 0.5, 3.0])).tolist() == [0.0, 0.5, 0.75, 1.0]
 
 
+
 def test_lpips_reward_sees_at_least_64_px():
+    from fluxir.metrics import at_least
+
     x = torch.rand(2, 3, 32, 32)
-    assert rl.at_least(x, 64).shape == (2, 3, 64, 64) and rl.at_least(x, 32) is x
+    assert at_least(x, 64).shape == (2, 3, 64, 64) and at_least(x, 32) is x
 
 
 # ---------------------------------------------------------------------------------------------
