@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -127,10 +126,10 @@ def prepare(cfg: Config, stage_dir: Path, resume: bool = False) -> dict:
         baselines = {kind: {k: D.validate(teacher_policy, codec, sets["validation"],
                                           D.budget_schedule(kind, k, cfg.flow.t_start, d.shift,
                                                             {b: s["schedule"] for b, s in searched.items()}),
-                                          cfg.flow, lpips_net) for k in d.budgets}
+                                          cfg.flow, lpips_net, per_image=True) for k in d.budgets}
                      for kind in ("uniform", "shifted", "searched")}
         teacher_val = D.validate(teacher_policy, codec, sets["validation"], sets["validation"].schedule, cfg.flow,
-                                 lpips_net)
+                                 lpips_net, per_image=True)
         write_json(record, {"identity": identity, "teacher_schedule": sets["validation"].schedule,
                             "searched": searched, "validation_baselines": baselines,
                             "teacher_validation": teacher_val})
@@ -327,12 +326,19 @@ def run_distill(cfg: Config, stage: str = "distill", resume: bool = False) -> di
                       resume=resume)
     rows = trial_rows(grid, cfg, metric)
     best = best_per_budget(rows, metric, mode, stage_dir)
-    choice = export_choice(shared, best, metric, stage_dir)
+    choice = export_choice(cfg, shared, best, metric, stage_dir)
     return {"shared": shared, "rows": rows, "best": best, "controls": keep_controls(rows, stage_dir),
             "stage_dir": str(stage_dir), "metric": metric, "choice": choice}
 
 
-def export_choice(shared: dict, best: dict[int, dict], metric: str, stage_dir: Path) -> dict:
+def _student_validation(cfg: Config, shared: dict, row: dict) -> dict:
+    """A kept student on the validation crops, with per-image values."""
+    codec = build_codec(cfg)
+    policy = load_policy(Path(row["model_dir"]), cfg, token_channels(codec))
+    return D.validate(policy, codec, shared["validation"], row["schedule"], cfg.flow, _lpips(cfg), per_image=True)
+
+
+def export_choice(cfg: Config, shared: dict, best: dict[int, dict], metric: str, stage_dir: Path) -> dict:
     """`fluxir export`'s default, written to `<stage_dir>/choice.json`: the teacher policy on each budget's
     uniform, shifted and searched schedules, and each budget's best student, judged on the validation
     crops against the teacher on its own N-step schedule (`fluxir.distill.choose_export`)."""
@@ -344,11 +350,14 @@ def export_choice(shared: dict, best: dict[int, dict], metric: str, stage_dir: P
                        "budget": len(shared["validation"].schedule) - 1, "schedule": shared["validation"].schedule,
                        "validation": teacher})
     candidates += [{"name": "student", "eval": "students", "policy_dir": row["model_dir"], "budget": k,
-                    "schedule": row["schedule"], "validation": row["metrics"]} for k, row in best.items()]
+                    "schedule": row["schedule"], "validation": _student_validation(cfg, shared, row)} for k, row in best.items()]
     for c in candidates:  # relative to the run folder, so the run folder can move
         c["policy_dir"] = os.path.relpath(Path(c["policy_dir"]).resolve(), stage_dir.parent.resolve())
-    choice = D.choose_export(candidates, teacher, metric)
-    record = {**choice, "metric": metric, "teacher_validation": teacher, "candidates": candidates}
+    choice = D.choose_export(candidates, teacher, metric, shared["validation"].task.tolist())
+    means = lambda m: {k: v for k, v in m.items() if k != "per_image"}  # noqa: E731
+    record = {**choice, "validation": means(choice["validation"]), "metric": metric,
+              "teacher_validation": means(teacher),
+              "candidates": [{**c, "validation": means(c["validation"])} for c in candidates]}
     write_json(stage_dir / "choice.json", record)
     return record
 

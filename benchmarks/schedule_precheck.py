@@ -10,6 +10,7 @@ search find it? On the validation crops of stage 2 (training photos, their own s
 
 Seeds change the calibration and validation crops and the starting noise. Writes
 benchmarks/results/schedule_precheck_<name>.json; `--table` prints docs/BENCHMARKS.md's tables from it.
+`--test` then scores each seed's searched schedule against uniform on the frozen test set, once.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def main() -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--curve", type=int, nargs="+", default=[1, 2, 3, 4, 6, 10, 20, 40])
     parser.add_argument("--table", action="store_true", help="print the tables of an existing result file")
+    parser.add_argument("--test", action="store_true", help="also the searched schedules on the frozen test set")
     args = parser.parse_args()
     base = load_config(args.config, args.overrides)
     path = RESULTS / f"schedule_precheck_{base.name}.json"
@@ -97,8 +99,41 @@ def main() -> int:
                                     "validation_size": base.distill.validation_size, "seeds": seeds,
                                     "seconds": time.perf_counter() - start, "machine": machine()}, indent=1))
         print(f"wrote {path}")
-    print_tables(json.loads(path.read_text()))
+    result = json.loads(path.read_text())
+    if args.test:
+        result["test"] = test_check(base, result)
+        path.write_text(json.dumps(result, indent=1))
+    print_tables(result)
     return 0
+
+
+def test_check(cfg, result: dict) -> dict:
+    """Per budget and seed: the teacher on that seed's searched schedule minus uniform on the frozen test
+    set (paired, task-stratified intervals; the test set's own noise seed for both)."""
+    from fluxir import distill as D
+    from fluxir.codec import build_codec
+    from fluxir.data import evaluation_set
+    from fluxir.evaluate import evaluate, lpips_or_reason
+    from fluxir.policy import load_policy
+    from fluxir.pretrain import token_channels
+    from fluxir.stats import compare
+
+    codec = build_codec(cfg)
+    policy = load_policy(result["teacher"], cfg, token_channels(codec))
+    lpips_net = lpips_or_reason(cfg.eval.lpips)[0]
+    testset = evaluation_set(cfg, "test")
+    seeds = result["seeds"]
+    budgets = [int(k) for k in next(iter(seeds.values()))["budgets"]]
+    uniform = evaluate(policy, codec, testset, cfg, lpips_net=lpips_net,
+                       schedules={k: D.budget_schedule("uniform", k, cfg.flow.t_start) for k in budgets})
+    out = {}
+    for k in budgets:
+        for seed, s in seeds.items():
+            schedule = s["budgets"][str(k)]["searched"]["schedule"]
+            searched = evaluate(policy, codec, testset, cfg, lpips_net=lpips_net, schedules={k: schedule})
+            out.setdefault(str(k), {})[seed] = {"schedule": schedule, **{m: compare(searched, uniform, k, m)
+                                                                          for m in ("psnr", "lpips")}}
+    return out
 
 
 def _spread(values: list[float]) -> str:
@@ -138,6 +173,9 @@ def print_tables(result: dict) -> None:
         for arm in ("searched", "direct"):
             print(f"  {arm} schedules: " + "; ".join(str([round(t, 3) for t in s["budgets"][k][arm]["schedule"]])
                                                     for s in seeds.values()))
+        for seed, r in result.get("test", {}).get(k, {}).items():
+            print(f"  test set, seed {seed}'s searched minus uniform: " + "; ".join(
+                f"{m.upper()} {r[m]['mean']:+.4f} [{r[m]['lo']:+.4f}, {r[m]['hi']:+.4f}]" for m in ("psnr", "lpips")))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ torch; Ray Tune runs it (actors/distill.py).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -361,12 +360,23 @@ def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, in
             report(step, metrics, schedule, opt)
 
 
-def choose_export(candidates: list[dict], teacher: dict, metric: str) -> dict:
-    """What to export: among the candidates ({"budget", "validation": metrics, ...}) whose validation
-    `metric` is at least as good as the teacher's, the fewest steps (then the better metric); when none is,
-    the best candidate."""
+def not_worse(candidate: dict, reference: dict, tasks: list[int], metric: str) -> bool:
+    """Whether `candidate`'s per-image validation `metric` is not shown worse than `reference`'s: the
+    paired, task-stratified 95 % bootstrap interval of candidate − reference reaches the better side of 0."""
+    import numpy as np
+
+    from fluxir.stats import HIGHER_IS_BETTER, bootstrap
+
+    diff = np.asarray(candidate["per_image"][metric]) - np.asarray(reference["per_image"][metric])
+    task = np.asarray(tasks)
+    _, lo, hi = bootstrap({int(t): diff[task == t] for t in np.unique(task)})
+    return hi >= 0 if HIGHER_IS_BETTER[metric] else lo <= 0
+
+
+def choose_export(candidates: list[dict], teacher: dict, metric: str, tasks: list[int]) -> dict:
+    """What to export: among the candidates ({"budget", "validation": metrics with per-image values}) whose
+    validation `metric` is not shown worse than the teacher's (`not_worse`), the fewest steps, then the
+    better mean; when none is, the best mean."""
     sign = -1.0 if metric == "lpips" else 1.0
-    good = [c for c in candidates if sign * c["validation"][metric] >= sign * teacher[metric]]
-    if good:
-        return min(good, key=lambda c: (c["budget"], -sign * c["validation"][metric]))
-    return max(candidates, key=lambda c: sign * c["validation"][metric])
+    good = [c for c in candidates if not_worse(c["validation"], teacher, tasks, metric)]
+    return min(good or candidates, key=lambda c: (c["budget"] if good else 0, -sign * c["validation"][metric]))

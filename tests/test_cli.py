@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxir.cli import build_parser, main
+from fluxir.cli import main
 from fluxir.data import save_image
 from fluxir.degradations import TASKS
 

@@ -78,15 +78,26 @@ def test_search_respects_order_and_memoises():
         D.search_schedule(cost, 12, 1.0, 10, {})
 
 
-def test_choose_export_takes_the_fewest_steps_within_the_teachers_quality():
-    teacher = {"lpips": 0.20, "psnr": 24.0}
-    cands = [{"name": "a", "budget": 1, "validation": {"lpips": 0.21, "psnr": 24.5}},
-             {"name": "b", "budget": 2, "validation": {"lpips": 0.199, "psnr": 23.0}},
-             {"name": "c", "budget": 2, "validation": {"lpips": 0.195, "psnr": 23.5}},
-             {"name": "d", "budget": 4, "validation": {"lpips": 0.19, "psnr": 24.1}}]
-    assert D.choose_export(cands, teacher, "lpips")["name"] == "c"
-    assert D.choose_export(cands, teacher, "psnr")["name"] == "a"
-    assert D.choose_export(cands[:1], teacher, "lpips")["name"] == "a"  # none within: the best there is
+def test_choose_export_takes_the_fewest_steps_not_shown_worse_than_the_teacher():
+    gen = torch.Generator().manual_seed(0)
+    tasks = [0] * 50 + [1] * 50
+    noise = lambda: (0.002 * torch.randn(100, generator=gen, dtype=torch.float64)).tolist()  # noqa: E731
+
+    def metrics(lpips_shift: float, psnr: float) -> dict:
+        lp = [0.2 + lpips_shift + e for e in noise()]
+        ps = [psnr + 10 * e for e in noise()]
+        return {"lpips": sum(lp) / 100, "psnr": sum(ps) / 100, "per_image": {"lpips": lp, "psnr": ps}}
+
+    teacher = metrics(0.0, 24.0)
+    cands = [{"name": "clearly worse", "budget": 1, "validation": metrics(0.01, 25.0)},
+             {"name": "tied", "budget": 2, "validation": metrics(0.0001, 23.0)},
+             {"name": "better", "budget": 2, "validation": metrics(-0.005, 23.5)},
+             {"name": "best", "budget": 4, "validation": metrics(-0.01, 24.1)}]
+    assert D.choose_export(cands, teacher, "lpips", tasks)["name"] == "better"  # fewest steps, then better mean
+    assert D.choose_export(cands, teacher, "psnr", tasks)["name"] == "clearly worse"  # 25 dB: best on PSNR
+    assert D.choose_export(cands[:1], teacher, "lpips", tasks)["name"] == "clearly worse"  # none within: the best
+    assert D.not_worse(cands[1]["validation"], teacher, tasks, "lpips")
+    assert not D.not_worse(cands[0]["validation"], teacher, tasks, "lpips")
 
 
 def test_arm_settings_override_the_student_and_the_sweep():
