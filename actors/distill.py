@@ -310,6 +310,16 @@ def _arms(cfg: Config) -> list[str]:
     return list(D.ARMS) if cfg.distill.controls else ["student"]
 
 
+def _distinct(cfg: Config, shared: dict, spec: dict) -> bool:
+    """False for a uniform-schedule control whose student already trains on that schedule (a fixed
+    searched schedule that came out uniform): the same trial twice, so it is not run."""
+    if spec["arm"] != "uniform-student":
+        return True
+    student = D.arm_settings(cfg.distill.student, "student", spec)
+    k = int(spec["budget"])
+    return student.schedule == "learned" or shared["schedules"][student.schedule][k] != shared["schedules"]["uniform"][k]
+
+
 def _selection_metric(cfg: Config) -> tuple[str, str]:
     """The validation metric the best trial per budget is chosen on: the judged one, if measured."""
     return ("lpips", "min") if cfg.distill.metric == "lpips" and cfg.eval.lpips and _lpips(cfg) else ("psnr", "max")
@@ -320,7 +330,8 @@ def run_distill(cfg: Config, stage: str = "distill", resume: bool = False) -> di
     stage_dir = cfg.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     shared = prepare(cfg, stage_dir, resume)
-    specs = [{"budget": k, "arm": arm} for k in cfg.distill.budgets for arm in _arms(cfg)]
+    specs = [spec for k in cfg.distill.budgets for arm in _arms(cfg)
+             if _distinct(cfg, shared, spec := {"budget": k, "arm": arm})]
     metric, mode = _selection_metric(cfg)
     grid = run_trials(cfg, shared, stage_dir, {"spec": tune.grid_search(specs)}, metric=metric, mode=mode,
                       resume=resume)
@@ -378,8 +389,9 @@ def run_sweep(cfg: Config, sweep, stage: str = "sweep", resume: bool = False) ->
     rows = trial_rows(grid, cfg, sweep.metric)
     best = best_per_budget(rows, sweep.metric, sweep.mode, stage_dir)
     controls, trials, errored = {}, len(grid), sum(1 for r in grid if r.error)
-    if cfg.distill.controls and best:
-        specs = [{**row["params"], "arm": arm} for row in best.values() for arm in D.ARMS if arm != "student"]
+    specs = [spec for row in best.values() for arm in D.ARMS
+             if arm != "student" and _distinct(cfg, shared, spec := {**row["params"], "arm": arm})]
+    if cfg.distill.controls and specs:
         control_grid = run_trials(cfg, shared, stage_dir, {"spec": tune.grid_search(specs)}, metric=sweep.metric,
                                   mode=sweep.mode, resume=resume, max_concurrent=sweep.max_concurrent,
                                   name="controls-trials")

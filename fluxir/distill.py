@@ -194,10 +194,19 @@ def sampler_cost(policy, codec, teacher: "TeacherSet", flow_cfg, metric: str, lp
                          "searches on PSNR)")
     decode = decoder(codec, teacher)
     gt = decode(teacher.gt)
+    last: dict[str, list] = {"times": [], "states": []}  # the previous schedule's states, for a shared prefix
 
     def cost(schedule: list[float]) -> float:
-        return judged_cost(metric, image_metrics(decode(restore_tokens(policy, teacher, schedule, flow_cfg)), gt,
-                                                 lpips_net if metric == "lpips" else None))
+        shared = next((i for i, (a, b) in enumerate(zip(schedule, last["times"])) if a != b),
+                      min(len(schedule), len(last["times"])))
+        shared = min(shared, len(schedule) - 1)  # at least the last step is taken
+        if shared == 0:
+            states = ode_states(policy, teacher, schedule, flow_cfg)
+        else:
+            rest = ode_states(policy, teacher, schedule[shared - 1:], flow_cfg, start=last["states"][shared - 1])
+            states = last["states"][:shared] + rest[1:]
+        last.update(times=list(schedule), states=states)
+        return judged_cost(metric, image_metrics(decode(states[-1]), gt, lpips_net if metric == "lpips" else None))
     return cost
 
 
@@ -270,16 +279,23 @@ def student_loss(policy, schedule: LearnedSchedule, teacher: TeacherSet, index: 
 
 
 @torch.no_grad()
-def restore_tokens(policy, teacher: TeacherSet, schedule: list[float], flow_cfg, batch_size: int = 64) -> torch.Tensor:
-    """Final tokens of the K-step ODE on `schedule` from the teacher set's starts."""
+def ode_states(policy, teacher: TeacherSet, schedule: list[float], flow_cfg, start: torch.Tensor | None = None,
+               batch_size: int = 64) -> list[torch.Tensor]:
+    """The K-step ODE's tokens at every time of `schedule` on the teacher set's inputs, from `start` (the
+    state at schedule[0]; default: the teacher set's stored starts)."""
     ids = image_ids(teacher.height, teacher.width)
-    outs = []
+    start = teacher.states[:, 0] if start is None else start
+    parts = []
     for i in range(0, len(teacher), batch_size):
         sl = slice(i, i + batch_size)
-        traj = sample_trajectory(policy, teacher.lq[sl], teacher.task[sl], ids, schedule, flow_cfg,
-                                 x_start=teacher.states[sl, 0])
-        outs.append(traj.final)
-    return torch.cat(outs)
+        parts.append(sample_trajectory(policy, teacher.lq[sl], teacher.task[sl], ids, schedule, flow_cfg,
+                                       x_start=start[sl]).states)
+    return [torch.cat(column) for column in zip(*parts)]
+
+
+def restore_tokens(policy, teacher: TeacherSet, schedule: list[float], flow_cfg, batch_size: int = 64) -> torch.Tensor:
+    """Final tokens of the K-step ODE on `schedule` from the teacher set's starts."""
+    return ode_states(policy, teacher, schedule, flow_cfg, batch_size=batch_size)[-1]
 
 
 def decoder(codec, teacher: TeacherSet) -> Callable[[torch.Tensor], torch.Tensor]:

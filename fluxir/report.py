@@ -339,16 +339,20 @@ def distill_section(evals: dict, out: dict, cfg, command: str) -> str:
         parts.append("Did distillation pay (judged on " + judged.upper() + ")?\n\n" + "\n".join(
             f"- K={k}: " + ("yes: the student beats every K-step arm." if not lost else
                             "no: not better than " + "; ".join(lost) + ".") for k, lost in verdict.items()))
+    same = "; the uniform-schedule control is the student itself (its schedule is uniform), not trained twice"
     lines = [f"- K={k}: searched {_times(shared['schedules']['searched'][k])}"
              + (f"; student {_times(out['best'][k]['schedule'])}" if k in out["best"] else "; student: none (trial failed)")
+             + (same if d.controls and k in out["best"] and "uniform-student" not in out["controls"].get(k, {})
+                and out["best"][k]["schedule"] == shared["schedules"]["uniform"][k] else "")
              for k in d.budgets]
     parts.append("Schedules (times from t_start to 0):\n\n" + "\n".join(lines))
     choice = out.get("choice")
     if choice:
+        m = choice["metric"]
         parts.append(f"Export default (`fluxir export`): {choice['name']} at K={choice['budget']} "
-                     f"({_times(choice['schedule'])}): the fewest steps whose validation {choice['metric'].upper()} "
-                     f"({choice['validation'][choice['metric']]:.4f}) is at least the N-step teacher's "
-                     f"({choice['teacher_validation'][choice['metric']]:.4f}).")
+                     f"({_times(choice['schedule'])}), the fewest steps whose validation {m.upper()} "
+                     f"({choice['validation'][m]:.4f}) is not shown worse than the N-step teacher's "
+                     f"({choice['teacher_validation'][m]:.4f}; paired 95 % interval over the validation crops).")
     return "\n\n".join(parts)
 
 

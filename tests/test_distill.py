@@ -189,6 +189,18 @@ def test_student_sampler_matches_the_ode_sampler(smoke_teacher):
                           atol=1e-6)
 
 
+def test_sampler_cost_reuses_a_shared_prefix_exactly(smoke_teacher):
+    """The search's cost restarts from the previous schedule's states where the two schedules agree, and
+    gives the same value as sampling from the start."""
+    cfg, codec, policy, teacher = smoke_teacher
+    schedules = [[1.0, 0.6, 0.3, 0.0], [1.0, 0.6, 0.2, 0.0], [1.0, 0.5, 0.2, 0.0], [1.0, 0.5, 0.2, 0.0], [1.0, 0.0]]
+    cached = D.sampler_cost(policy, codec, teacher, cfg.flow, "psnr")
+    for schedule in schedules:
+        fresh = D.sampler_cost(policy, codec, teacher, cfg.flow, "psnr")(schedule)
+        assert cached(schedule) == fresh
+        assert fresh == -D.validate(policy, codec, teacher, schedule, cfg.flow)["psnr"]
+
+
 def _distil(cfg, codec, policy, teacher, steps, kind="learned", **resume):
     """Train a copy of `policy` (or resume `resume['student']`); returns it and every report's states."""
     from fluxir.config import StudentConfig
@@ -285,3 +297,35 @@ def test_prepare_reads_its_record_back_on_resume(tmp_path, smoke_teacher):
     assert sorted(first["searched"]) == [1, 2] and len(first["schedules"]["searched"][2]) == 3
     other = load_config(ROOT / "configs/smoke.yaml", [*overrides, "seed=1"])
     assert not prepare(other, stage, resume=True)["reused"]
+
+
+def _fake_eval(nfe: int, lpips: list[float], psnr: list[float]) -> dict:
+    per = {"lpips": lpips, "psnr": psnr}
+    entry = {"per_image": per, **{m: sum(v) / len(v) for m, v in per.items()}}
+    return {"nfe": [nfe], "tasks": {"denoise": {"lq": entry, "nfe": {nfe: entry}}}}
+
+
+def test_distill_compare_pools_paired_differences_over_seeds():
+    """benchmarks/distill_compare.py: per seed the student minus an arm on the same crops; pooled over
+    seeds; the per-seed differences kept as the seed spread."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from distill_compare import pooled
+
+    runs = []
+    for shift in (0.010, 0.012):  # the student is worse than uniform sampling by `shift` LPIPS in each seed
+        base = [0.2 + 0.001 * i for i in range(20)]
+        teacher = _fake_eval(2, base, [24.0] * 20)
+        teacher["nfe"].append(4)
+        teacher["tasks"]["denoise"]["nfe"][4] = teacher["tasks"]["denoise"]["nfe"][2]
+        student = _fake_eval(2, [b + shift for b in base], [24.0] * 20)
+        runs.append({"teacher": teacher, "shifted": _fake_eval(1, base, base), "searched": teacher,
+                     "students": {2: student}, "controls": {}})
+    rows = pooled(runs, [2], 4, ["lpips"])
+    uniform = next(r for r in rows if r["other"] == "teacher, uniform K")
+    assert uniform["lpips"]["per_seed"] == pytest.approx([0.010, 0.012])
+    assert uniform["lpips"]["mean"] == pytest.approx(0.011) and uniform["lpips"]["verdict"] == "B better"
+    assert "lpips" not in next(r for r in rows if r["other"] == "teacher, shifted K")  # not run at K = 2
+    assert "lpips" not in next(r for r in rows if r["other"] == "control: GT-only fine-tune")
+    assert next(r for r in rows if r["other"] == "teacher N=4")["lpips"]["per_seed"] == pytest.approx([0.010, 0.012])
