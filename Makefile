@@ -5,6 +5,10 @@ CONFIG ?= configs/tiny.yaml
 export DS_ACCELERATOR := cpu
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
+# Bytecode caches in the venv: where the environment sets PYTHONDONTWRITEBYTECODE (as this machine's
+# does), every process -- each Ray worker and test subprocess included -- would compile torch, ray,
+# deepspeed and diffusers from source again, about 5 s each.
+unexport PYTHONDONTWRITEBYTECODE
 # The venv's tools first (python, ray, ninja) for every process make starts, Ray workers and jobs
 # included: DeepSpeed's JIT op build keys its cache on ninja's log, and a system ninja of another
 # version rebuilds the op (a minute on 2 cores) each time the two alternate.
