@@ -1,14 +1,17 @@
-"""Stage 2 on Ray Tune (docs/ARCHITECTURE.md, "Stage 2"): every student is a Tune trial.
+"""Stage 2 on Ray Tune (docs/ARCHITECTURE.md, "Stage 2"): every student and every control is a Tune trial.
 
-`fluxir distill` runs one trial per step budget with the configured hyperparameters; `fluxir sweep`
-runs a search space (configs/sweeps/distill.yaml) with ASHA pruning on the validation metric. Both:
+`fluxir distill` runs, per step budget, the student with `distill.student`'s settings and (with
+`distill.controls`) its controls; `fluxir sweep` runs a search space (configs/sweeps/distill.yaml) with
+ASHA pruning on a validation metric, then the controls of each budget's best student. Both:
 1. the driver computes the teacher's N-step trajectories on calibration and validation crops, the
-   cost matrix and the cost-DP schedules, and writes them (Parquet, JSON) under the stage folder;
+   searched schedule per budget and the undistilled validation baselines, and writes them (Parquet,
+   `teacher.json`) under the stage folder; `--resume` reads them back when they match;
 2. trials get them through the object store (`tune.with_parameters`), train a student with
    `fluxir.distill.distill`, and report validation metrics with a checkpoint (policy + schedule +
    optimizer) every `eval_every` steps, so a stopped sweep resumes with `Tuner.restore`;
-3. the best trial per budget is copied to `<stage>/best/K<k>/` (a policy folder whose card holds the
-   schedule) and its times to `<stage>/schedules.json`.
+3. the best student per budget is copied to `<stage>/best/K<k>/` (a policy folder whose card holds the
+   schedule), its times to `<stage>/schedules.json`, the controls to `<stage>/controls/K<k>/<arm>/`, and
+   `fluxir distill` writes the export default to `<stage>/choice.json`.
 """
 from __future__ import annotations
 

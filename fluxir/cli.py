@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_rl)
 
-    p = sub.add_parser("distill", help="stage 2: cost-aware distillation, one student per step budget (Ray Tune)")
+    p = sub.add_parser("distill", help="stage 2: distillation, per step budget a student on a searched schedule and its controls (Ray Tune)")
     _add_config(p)
     p.add_argument("--resume", action="store_true", help="finish interrupted student trials (Tuner.restore)")
     p.set_defaults(func=cmd_distill)
