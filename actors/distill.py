@@ -120,25 +120,23 @@ def prepare(cfg: Config, stage_dir: Path, resume: bool = False) -> dict:
         log.info("stage 2: no matching teacher record in %s; computing the teacher sets and schedules", stage_dir)
     sets = _teacher_sets(cfg, teacher_policy, codec, stage_dir, reuse)
     lpips_net = _lpips(cfg)
+    searched = ({int(k): v for k, v in stored["searched"].items()} if reuse
+                else _search(cfg, teacher_policy, codec, sets["calibration"], lpips_net))
+    schedules = {kind: {k: D.budget_schedule(kind, k, cfg.flow.t_start, d.shift,
+                                             {b: s["schedule"] for b, s in searched.items()}) for k in d.budgets}
+                 for kind in ("uniform", "shifted", "searched")}
     if reuse:
-        searched = {int(k): v for k, v in stored["searched"].items()}
         baselines = {kind: {int(k): v for k, v in b.items()} for kind, b in stored["validation_baselines"].items()}
         teacher_val = stored["teacher_validation"]
     else:
-        searched = _search(cfg, teacher_policy, codec, sets["calibration"], lpips_net)
-        baselines = {kind: {k: D.validate(teacher_policy, codec, sets["validation"],
-                                          D.budget_schedule(kind, k, cfg.flow.t_start, d.shift,
-                                                            {b: s["schedule"] for b, s in searched.items()}),
-                                          cfg.flow, lpips_net, per_image=True) for k in d.budgets}
-                     for kind in ("uniform", "shifted", "searched")}
+        baselines = {kind: {k: D.validate(teacher_policy, codec, sets["validation"], times, cfg.flow, lpips_net,
+                                          per_image=True) for k, times in by_budget.items()}
+                     for kind, by_budget in schedules.items()}
         teacher_val = D.validate(teacher_policy, codec, sets["validation"], sets["validation"].schedule, cfg.flow,
                                  lpips_net, per_image=True)
         write_json(record, {"identity": identity, "teacher_schedule": sets["validation"].schedule,
                             "searched": searched, "validation_baselines": baselines,
                             "teacher_validation": teacher_val})
-    schedules = {kind: {k: D.budget_schedule(kind, k, cfg.flow.t_start, d.shift,
-                                             {b: s["schedule"] for b, s in searched.items()}) for k in d.budgets}
-                 for kind in ("uniform", "shifted", "searched")}
     return {"cfg": cfg.model_dump(mode="json"), "teacher_state": teacher_policy.trainable_state_dict(),
             "calibration": sets["calibration"], "validation": sets["validation"], "schedules": schedules,
             "searched": searched, "baselines": baselines, "teacher_validation": teacher_val,
@@ -324,8 +322,9 @@ def _distinct(cfg: Config, shared: dict, spec: dict) -> bool:
 
 
 def _selection_metric(cfg: Config) -> tuple[str, str]:
-    """The validation metric the best trial per budget is chosen on: the judged one, if measured."""
-    return ("lpips", "min") if cfg.distill.metric == "lpips" and cfg.eval.lpips and _lpips(cfg) else ("psnr", "max")
+    """The validation metric the best trial per budget is chosen on: the judged one (`prepare` has
+    already refused an LPIPS-judged stage 2 without LPIPS)."""
+    return ("lpips", "min") if cfg.distill.metric == "lpips" else ("psnr", "max")
 
 
 def run_distill(cfg: Config, stage: str = "distill", resume: bool = False) -> dict:
@@ -353,7 +352,7 @@ def _student_validation(cfg: Config, shared: dict, row: dict) -> dict:
 
 
 def export_choice(cfg: Config, shared: dict, best: dict[int, dict], metric: str, stage_dir: Path) -> dict:
-    """`fluxir export`'s default, written to `<stage_dir>/choice.json`: the teacher policy on each budget's
+    """`fluxir export`'s default (the caller writes it to `<stage_dir>/choice.json`): the teacher policy on each budget's
     uniform, shifted and searched schedules, and each budget's best student, judged on the validation
     crops against the teacher on its own N-step schedule (`fluxir.distill.choose_export`)."""
     teacher = shared["teacher_validation"]
@@ -369,11 +368,9 @@ def export_choice(cfg: Config, shared: dict, best: dict[int, dict], metric: str,
         c["policy_dir"] = os.path.relpath(Path(c["policy_dir"]).resolve(), stage_dir.parent.resolve())
     choice = D.choose_export(candidates, teacher, metric, shared["validation"].task.tolist())
     means = lambda m: {k: v for k, v in m.items() if k != "per_image"}  # noqa: E731
-    record = {**choice, "validation": means(choice["validation"]), "metric": metric,
-              "teacher_validation": means(teacher),
-              "candidates": [{**c, "validation": means(c["validation"])} for c in candidates]}
-    write_json(stage_dir / "choice.json", record)
-    return record
+    return {**choice, "validation": means(choice["validation"]), "metric": metric,
+            "teacher_validation": means(teacher), "candidates": [{**c, "validation": means(c["validation"])}
+                                                                 for c in candidates]}
 
 
 def run_sweep(cfg: Config, sweep, stage: str = "sweep", resume: bool = False) -> dict:

@@ -28,12 +28,6 @@ from fluxir.config import config_from_dict, load_config  # noqa: E402
 ARMS = ("uniform", "shifted", "searched", "direct")
 
 
-def _per_task(values: list[float], tasks: list[int]) -> dict[int, np.ndarray]:
-    v = np.asarray(values)
-    t = np.asarray(tasks)
-    return {int(k): v[t == k] for k in np.unique(t)}
-
-
 def _seed_run(cfg, teacher_dir: str, budgets: list[int], curve: list[int], lpips_net) -> dict:
     from fluxir import distill as D, flow
     from fluxir.codec import build_codec
@@ -141,7 +135,7 @@ def _spread(values: list[float]) -> str:
 
 
 def print_tables(result: dict) -> None:
-    from fluxir.stats import bootstrap
+    from fluxir.stats import bootstrap, by_task
 
     seeds = result["seeds"]
     first = next(iter(seeds.values()))
@@ -164,7 +158,7 @@ def print_tables(result: dict) -> None:
                 for s in seeds.values():
                     d = np.asarray(s["budgets"][k][arm]["per_image"][m]) - np.asarray(s["budgets"][k]["uniform"]["per_image"][m])
                     per_seed.append(float(d.mean()))
-                    for task, v in _per_task(list(d), s["tasks"]).items():
+                    for task, v in by_task(d, s["tasks"]).items():
                         diffs[task] = np.concatenate([diffs.get(task, np.zeros(0)), v])
                 mean, lo, hi = bootstrap(diffs)
                 cells.append(f"{_spread(vals)} ({mean:+.4f} [{lo:+.4f}, {hi:+.4f}]; seeds "

@@ -246,8 +246,7 @@ def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
             resume: bool = False) -> tuple[str, dict]:
     """Run stage 2 (per budget a student and its controls on Ray Tune) and evaluate it on the test set."""
     from actors.distill import run_distill
-    from fluxir.evaluate import mean_over_tasks
-    from fluxir.report import distill_section, write_json, write_pareto_plot
+    from fluxir.report import distill_section, mean_metrics, write_json, write_pareto_plot
 
     out = run_distill(cfg, resume=resume)
     write_pareto_plot(cfg.run_dir / "distill_pareto.png", out["rows"], "stage 2: students' validation quality vs NFE")
@@ -255,8 +254,7 @@ def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
     choice = out["choice"]
     chosen = evals[choice["eval"]]
     chosen = chosen[choice["budget"]] if choice["eval"] == "students" else chosen
-    choice["test"] = {m: mean_over_tasks(chosen, m, choice["budget"]) for m in ("psnr", "ssim", "lpips")
-                      if m in next(iter(chosen["tasks"].values()))["nfe"][choice["budget"]]}
+    choice["test"] = {m: v for m, v in mean_metrics(chosen, choice["budget"]).items() if m != "sec_per_image"}
     write_json(Path(out["stage_dir"]) / "choice.json", choice)
     write_json(cfg.run_dir / "distill.json", {"evals": evals, "schedules": out["shared"]["schedules"],
                                               "searched": out["shared"]["searched"], "choice": choice,

@@ -16,7 +16,7 @@ torch; Ray Tune runs it (actors/distill.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -116,7 +116,6 @@ class ScheduleSearch:
     start: str
     start_cost: float
     evaluations: int
-    trace: list[tuple[list[float], float]] = field(default_factory=list)
 
 
 def search_grid(t_start: float, size: int) -> list[float]:
@@ -147,7 +146,6 @@ def search_schedule(cost: Callable[[list[float]], float], budget: int, t_start: 
         raise ValueError(f"budget {budget} must be in [1, search grid {grid_size}]")
     grid = search_grid(t_start, grid_size)
     memo: dict[tuple[int, ...], float] = {}
-    trace: list[tuple[list[float], float]] = []
 
     def times(idx: tuple[int, ...]) -> list[float]:
         return [grid[0], *(grid[i] for i in idx), 0.0]
@@ -155,7 +153,6 @@ def search_schedule(cost: Callable[[list[float]], float], budget: int, t_start: 
     def value(idx: tuple[int, ...]) -> float:
         if idx not in memo:
             memo[idx] = float(cost(times(idx)))
-            trace.append((times(idx), memo[idx]))
         return memo[idx]
 
     snapped = {name: _snap(s, grid) for name, s in starts.items()}
@@ -177,7 +174,7 @@ def search_schedule(cost: Callable[[list[float]], float], budget: int, t_start: 
         if step == 1:
             break
         step = max(1, step // 2)
-    return ScheduleSearch(times(best), value(best), start, value(snapped[start]), len(memo), trace)
+    return ScheduleSearch(times(best), value(best), start, value(snapped[start]), len(memo))
 
 
 def judged_cost(metric: str, metrics: dict[str, torch.Tensor]) -> float:
@@ -381,11 +378,10 @@ def not_worse(candidate: dict, reference: dict, tasks: list[int], metric: str) -
     paired, task-stratified 95 % bootstrap interval of candidate − reference reaches the better side of 0."""
     import numpy as np
 
-    from fluxir.stats import HIGHER_IS_BETTER, bootstrap
+    from fluxir.stats import HIGHER_IS_BETTER, bootstrap, by_task
 
     diff = np.asarray(candidate["per_image"][metric]) - np.asarray(reference["per_image"][metric])
-    task = np.asarray(tasks)
-    _, lo, hi = bootstrap({int(t): diff[task == t] for t in np.unique(task)})
+    _, lo, hi = bootstrap(by_task(diff, tasks))
     return hi >= 0 if HIGHER_IS_BETTER[metric] else lo <= 0
 
 

@@ -21,6 +21,12 @@ def per_image(result: dict, nfe: int | None, metric: str) -> dict[str, np.ndarra
     return out
 
 
+def by_task(values, tasks) -> dict[int, np.ndarray]:
+    """Per-image `values` grouped by their task ids `tasks` (same length): {task: values}."""
+    values, tasks = np.asarray(values, dtype=np.float64), np.asarray(tasks)
+    return {int(t): values[tasks == t] for t in np.unique(tasks)}
+
+
 def bootstrap(diffs: dict[str, np.ndarray], samples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
     """Mean over tasks of the per-task mean difference, and its 95 % interval from resampling each task's
     pairs with replacement (stratified: every resample keeps each task's count, so the mean over tasks
