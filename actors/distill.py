@@ -205,8 +205,9 @@ def distill_trial(params: dict, shared: dict) -> None:
             _save_trial_state(Path(folder), policy, cfg, step, schedule, opt, trial)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    D.distill(policy, codec, cfg, shared["calibration"], shared["validation"], init, settings, report,
-              lpips_net=_lpips(cfg), seed=cfg.seed, **resume)
+    with gauges:
+        D.distill(policy, codec, cfg, shared["calibration"], shared["validation"], init, settings, report,
+                  lpips_net=_lpips(cfg), seed=cfg.seed, **resume)
 
 
 def search_space(spec: dict) -> dict:

@@ -76,6 +76,7 @@ def run_pretrain(cfg, show_progress: bool = True, resume: bool = True, on_metric
                            log_every=cfg.pretrain.log_every, progress=progress,
                            resources_per_worker=cfg.pretrain.worker_resources, ema_decay=cfg.pretrain.ema_decay)
     finally:
+        gauges.close()
         tracker.finish()
         if bar is not None:
             bar.close()

@@ -400,7 +400,7 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
     started = time.perf_counter()
     system = RLSystem(cfg, init_dir)
     startup_s = time.perf_counter() - started
-    tracker, bar = None, None
+    tracker, bar, metrics = None, None, None
     try:
         ckpt_root = stage_dir / "checkpoints"
         state = load_latest(system, ckpt_root) or {"iteration": 0, "version": 0, "loop_seconds": 0.0, "history": []}
@@ -426,6 +426,8 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
             bar.close()
         if tracker is not None:
             tracker.finish()
+        if metrics is not None:
+            metrics.close()
         system.shutdown()
     return {"model_dir": str(model_dir), "iterations": state["iteration"], "version": state["version"],
             "loop_seconds": state["loop_seconds"], "startup_seconds": startup_s,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,16 @@ DISTILL_GAUGES = {"psnr": "fluxir_distill_val_psnr", "lpips": "fluxir_distill_va
                   "loss": "fluxir_distill_loss", "step": "fluxir_distill_step"}
 
 
+# Ray's metrics agent drops a gauge that was not set within two report intervals (>= 1 s each), even
+# while the process that set it lives; a stage's latest values are set again this often until it closes.
+GAUGE_REFRESH_S = 0.5
+
+
 class StageMetrics:
-    """ray.util.metrics gauges and counters fed from a stage's records (dicts of numbers)."""
+    """ray.util.metrics gauges and counters fed from a stage's records (dicts of numbers).
+
+    The gauges keep their latest values on the dashboard until `close()` (a context manager closes on exit);
+    after that Ray ages them out, so a finished stage's gauges leave Prometheus."""
 
     def __init__(self, stage: str, gauges: dict[str, str], counters: dict[str, str] | None = None,
                  **tags: str):
@@ -46,14 +55,37 @@ class StageMetrics:
         self.gauges = {k: Gauge(n, description=f"fluxir {k} (latest)", tag_keys=keys) for k, n in gauges.items()}
         self.counters = {k: Counter(n, description=f"fluxir {k}", tag_keys=keys)
                          for k, n in (counters or {}).items()}
+        self.latest: dict[str, float] = {}
+        self._lock, self._closed = threading.Lock(), threading.Event()
+        self._refresher = threading.Thread(target=self._refresh, name=f"fluxir-metrics-{stage}", daemon=True)
+        self._refresher.start()
 
     def record(self, record: dict) -> None:
-        for key, gauge in self.gauges.items():
-            if isinstance(record.get(key), (int, float)):
-                gauge.set(float(record[key]), tags=self.tags)
+        with self._lock:
+            self.latest.update({k: float(record[k]) for k in self.gauges if isinstance(record.get(k), (int, float))})
+            self._set_gauges()
         for key, counter in self.counters.items():
             if record.get(key):
                 counter.inc(float(record[key]), tags=self.tags)
+
+    def _set_gauges(self) -> None:
+        for key, value in self.latest.items():
+            self.gauges[key].set(value, tags=self.tags)
+
+    def _refresh(self) -> None:
+        while not self._closed.wait(GAUGE_REFRESH_S):
+            with self._lock:
+                self._set_gauges()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._refresher.join()
+
+    def __enter__(self) -> "StageMetrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def rl_metrics(stage: str) -> StageMetrics:

@@ -66,7 +66,7 @@ def cluster_smoke_run(tmp_path_factory):
                         "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m", "fluxir", "run",
                         "configs/smoke.yaml", f"output_dir={out}"],
                        cwd=root, env=head.env(), check=True, capture_output=True, timeout=180)
-        info = head.wait_for_job(job_id, timeout=600, poll=scrape)
+        info = head.wait_for_job(job_id, timeout=600, poll=scrape, every=0.5)
         scrape()
         result.status, result.job = info["status"], info
         result.logs = head.get(f"/api/jobs/{job_id}/logs")["logs"]

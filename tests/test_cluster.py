@@ -82,6 +82,35 @@ def test_submit_entrypoint_quotes_overrides():
         "python -m fluxir run configs/tiny.yaml 'name=my run' rl.iterations=3")
 
 
+def test_stage_gauges_keep_their_latest_value_until_the_stage_closes(monkeypatch):
+    """Ray's agent ages out a gauge not set within two report intervals: the stage re-sets its latest values."""
+    import time
+
+    import ray.util.metrics
+
+    from actors import tracking
+
+    sets = []
+
+    class Gauge:
+        def __init__(self, name, description="", tag_keys=()):
+            self.name = name
+
+        def set(self, value, tags=None):
+            sets.append((self.name, value, tags["stage"]))
+
+    monkeypatch.setattr(ray.util.metrics, "Gauge", Gauge)
+    monkeypatch.setattr(tracking, "GAUGE_REFRESH_S", 0.05)
+    with tracking.StageMetrics("rl", {"version": "fluxir_policy_version", "gap": "fluxir_ode_best_gap"}) as m:
+        m.record({"version": 3, "other": 1.0})
+        time.sleep(0.5)
+        assert m._refresher.is_alive()
+    closed = len(sets)
+    time.sleep(0.2)
+    assert not m._refresher.is_alive() and len(sets) == closed
+    assert closed >= 4 and set(sets) == {("fluxir_policy_version", 3.0, "rl")}  # no value invented for `gap`
+
+
 # --- the real thing ----------------------------------------------------------------------------
 
 def test_ray_job_submit_of_the_smoke_config_succeeds(cluster_smoke_run):
