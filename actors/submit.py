@@ -19,6 +19,10 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNTIME_ENV = PROJECT_ROOT / "cluster" / "runtime_env.yaml"
 
 
+class SubmitError(RuntimeError):
+    """The job could not be submitted (no cluster at the address, a wrong address); one line for the user."""
+
+
 def auth_token() -> str | None:
     """The Ray auth token this client would send: $RAY_AUTH_TOKEN, else the file at $RAY_AUTH_TOKEN_PATH
     or ~/.ray/auth_token (Ray's own lookup order), else None."""
@@ -64,11 +68,16 @@ def submit(config: str, overrides: list[str], command: str = "run", address: str
     """Submit one fluxir job; returns 0 (submitted, or followed to SUCCEEDED) or 1 (followed to a failure)."""
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if not address.startswith("http"):
-        raise ValueError(f"--address {address!r}: the Jobs API needs the dashboard's http(s) URL, e.g. {DEFAULT_ADDRESS}")
+        raise SubmitError(f"--address {address!r}: the Jobs API needs the dashboard's http(s) URL, e.g. {DEFAULT_ADDRESS}")
     enable_token_auth()
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except ConnectionError:
+        raise SubmitError(f"no Ray cluster answers at {address} (start one with `ray start --head "
+                          f"--node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1`, or give --address / RAY_ADDRESS)"
+                          ) from None
     job_id = client.submit_job(entrypoint=entrypoint(command, config, overrides),
                                runtime_env=load_runtime_env(runtime_env), submission_id=submission_id,
                                entrypoint_num_gpus=entrypoint_gpus or None,

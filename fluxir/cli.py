@@ -402,11 +402,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from actors.submit import submit
+    from actors.submit import SubmitError, submit
 
-    return submit(args.config, args.overrides, command=args.command, address=args.address,
-                  runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id,
-                  entrypoint_gpus=args.entrypoint_gpus)
+    try:
+        return submit(args.config, args.overrides, command=args.command, address=args.address,
+                      runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id,
+                      entrypoint_gpus=args.entrypoint_gpus)
+    except SubmitError as err:
+        print(f"fluxir: submit: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_embed_prompts(args) -> int:

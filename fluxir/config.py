@@ -4,7 +4,6 @@ A wrong key or value stops start-up with a `ConfigError` whose message names the
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +16,22 @@ from fluxir.metrics import LPIPS_MIN_SIZE
 
 class ConfigError(ValueError):
     """A configuration file or override is wrong; the message names the dotted key path."""
+
+
+def configs_dir() -> Path:
+    """The shipped configs (experiment YAMLs, DeepSpeed JSONs, sweep spaces): the installed package's
+    `fluxir.configs`, or the `configs/` folder of a source checkout (an editable install)."""
+    from importlib.resources import files
+    try:
+        return Path(str(files("fluxir.configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+CONFIGS = configs_dir()
+# Settings that name a file the run reads: a relative path in a YAML file is relative to that file's
+# folder, one given as an override is relative to the working folder, and the defaults are shipped files.
+FILE_KEYS = ("pretrain.deepspeed", "rl.deepspeed", "distill.sweep")
 
 
 class Strict(BaseModel):
@@ -184,7 +199,7 @@ class PretrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(100, ge=0)
     num_workers: int = Field(2, ge=1)
-    deepspeed: str = "configs/deepspeed/zero2_cpu.json"
+    deepspeed: str = str(CONFIGS / "deepspeed/zero2_cpu.json")
     zero_stage: int = Field(2, ge=0, le=3)
     worker_resources: dict[str, float] = {"CPU": 1}  # per Ray Train rank; {"CPU": 8, "GPU": 1} on a GPU node
     loss: Literal["mse", "log_mse"] = "log_mse"
@@ -271,7 +286,7 @@ class RLConfig(Strict):
     kl_weight: float = Field(0.0, ge=0)  # grpo: KL to the adapter-disabled reference (needs LoRA)
     reward: RewardConfig = RewardConfig()
     lr: float = Field(2e-4, gt=0)
-    deepspeed: str = "configs/deepspeed/zero2_cpu.json"
+    deepspeed: str = str(CONFIGS / "deepspeed/zero2_cpu.json")
     zero_stage: int = Field(2, ge=0, le=3)
     num_rollout_actors: int = Field(2, ge=1)
     num_reward_workers: int = Field(1, ge=1)
@@ -352,7 +367,7 @@ class DistillConfig(Strict):
     curve_nfe: list[int] = [1, 2, 4, 8]  # the teacher's quality-vs-NFE curve (plus teacher_nfe)
     trial_resources: dict[str, float] = {"CPU": 1}
     max_concurrent: int = Field(2, ge=1)
-    sweep: str = "configs/sweeps/distill.yaml"
+    sweep: str = str(CONFIGS / "sweeps/distill.yaml")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":
@@ -483,18 +498,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of keys")
-    tree = copy.deepcopy(tree)
+        tree = _read_yaml(path)
+        _resolve_files(tree, path.resolve().parent)
     for override in overrides:
         apply_override(tree, override)
+    _resolve_files(tree, Path.cwd())
     return config_from_dict(tree, str(path) if path else "<defaults>")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping; a missing, empty or non-mapping file is refused by name."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if tree is None:
+        raise ConfigError(f"{path}: the config file is empty (copy configs/tiny.yaml and edit it, or give that)")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    return tree
+
+
+def _resolve_files(tree: dict[str, Any], base: Path) -> None:
+    """Make the relative paths of FILE_KEYS in `tree` absolute against `base`."""
+    for dotted in FILE_KEYS:
+        section, key = dotted.split(".")
+        value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            tree[section][key] = str(base / value)
 
 
 def dump_config(cfg: Config) -> str:

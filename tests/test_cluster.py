@@ -82,6 +82,21 @@ def test_submit_entrypoint_quotes_overrides():
         "python -m fluxir run configs/tiny.yaml 'name=my run' rl.iterations=3")
 
 
+def test_submit_without_a_cluster_is_one_line():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "fluxir", "submit", "configs/smoke.yaml", "--address",
+                           f"http://127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert f"no Ray cluster answers at http://127.0.0.1:{port}" in proc.stderr
+
+
 def test_stage_gauges_keep_their_latest_value_until_the_stage_closes(monkeypatch):
     """Ray's agent ages out a gauge not set within two report intervals: the stage re-sets its latest values."""
     import time

@@ -50,3 +50,35 @@ def test_malformed_override():
 def test_gaussian_source_needs_full_start():
     with pytest.raises(ConfigError, match="gaussian"):
         load_config(None, ["flow.source=gaussian", "flow.t_start=0.5"])
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    for text in ("", "# only a comment\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(ConfigError, match="empty.yaml: the config file is empty"):
+            load_config(empty)
+
+
+def test_file_settings_resolve_against_the_config_file_not_the_working_folder(tmp_path, monkeypatch):
+    """A YAML's relative DeepSpeed/sweep paths are relative to the YAML; overrides to the working folder;
+    the defaults are the shipped files. Checked from a folder that holds none of them."""
+    import tomllib
+
+    from fluxir.config import CONFIGS, FILE_KEYS
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(root / "configs/flux-dev-7task.yaml", ["model.path=/m", "pretrain.deepspeed=mine.json"])
+    assert cfg.rl.deepspeed == str(root / "configs/deepspeed/zero2_bf16.json")
+    assert cfg.pretrain.deepspeed == str(tmp_path / "mine.json")
+    defaults = load_config()
+    for dotted in FILE_KEYS:
+        section, key = dotted.split(".")
+        value = Path(getattr(getattr(defaults, section), key))
+        assert value.is_absolute() and value.is_file() and value.is_relative_to(CONFIGS), (dotted, value)
+    # an installed (non-editable) fluxir ships every file of configs/ as fluxir.configs
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"]["fluxir.configs"] == "configs"
+    shipped = {f for pattern in setup["package-data"]["fluxir.configs"] for f in (root / "configs").glob(pattern)}
+    assert shipped == {f for f in (root / "configs").rglob("*") if f.is_file()}
