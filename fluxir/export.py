@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,33 +45,76 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def export_files(root: Path) -> set[str]:
+    """Relative paths of everything under `root` but directories and the top-level manifest (symlinks
+    included, never followed): what a manifest lists, no more and no less."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        found.update((here / name).relative_to(root).as_posix()
+                     for name in files + [d for d in dirs if (here / d).is_symlink()])
+    return found - {MANIFEST}
+
+
 def file_table(root: Path) -> dict[str, dict]:
     """{relative path: {"sha256", "bytes"}} of every file under `root` except the manifest."""
-    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+            for rel in sorted(export_files(root))}
 
 
-def verify_export(root: str | Path) -> dict:
-    """Check every file the manifest lists (size, then sha256) and that no file is missing; return it."""
-    root = Path(root)
+def confined(root: Path, rel: str) -> Path:
+    """`root / rel`, refused (naming `rel`) unless it is a plain relative path that stays inside `root`
+    once resolved: no absolute path, no `..`, no symlink leading out."""
+    plain = PurePosixPath(rel)
+    if plain.is_absolute() or ".." in plain.parts or plain.as_posix() != rel:
+        raise ExportError(f"{root / MANIFEST}: path {rel!r} is not a plain relative path inside the export")
+    try:
+        inside = (root / rel).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise ExportError(f"{root}: path {rel!r} does not resolve ({err})") from err
+    if not inside:
+        raise ExportError(f"{root}: path {rel!r} leads outside the export (a symlink)")
+    return root / rel
+
+
+def _read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise ExportError(f"{root}: no {MANIFEST} (not a fluxir export)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(confined(root, MANIFEST).read_text())
     except json.JSONDecodeError as err:
         raise ExportError(f"{path}: unreadable manifest ({err})") from err
     if manifest.get("format") != FORMAT:
         raise ExportError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for rel, want in manifest["files"].items():
-        f = root / rel
-        if not f.is_file():
-            raise ExportError(f"{f}: missing (listed in {MANIFEST})")
-        size = f.stat().st_size
-        if size != want["bytes"]:
-            raise ExportError(f"{f}: truncated or altered: {size} bytes, the manifest says {want['bytes']}")
-        if sha256_file(f) != want["sha256"]:
-            raise ExportError(f"{f}: sha256 does not match the manifest (file altered)")
+    if not isinstance(manifest.get("files"), dict):
+        raise ExportError(f"{path}: no file table")
+    return manifest
+
+
+def _check_file(f: Path, want: dict) -> None:
+    if not f.is_file():
+        raise ExportError(f"{f}: missing (listed in {MANIFEST})")
+    size = f.stat().st_size
+    if size != want["bytes"]:
+        raise ExportError(f"{f}: truncated or altered: {size} bytes, the manifest says {want['bytes']}")
+    if sha256_file(f) != want["sha256"]:
+        raise ExportError(f"{f}: sha256 does not match the manifest (file altered)")
+
+
+def verify_export(root: str | Path) -> dict:
+    """Check that every path the manifest lists stays inside the export, that it lists every file there,
+    and each file's size and sha256; return the manifest. This detects corruption and edits, not who made
+    them: whoever can rewrite the files can rewrite the manifest too."""
+    root = Path(root)
+    manifest = _read_manifest(root)
+    files = {rel: confined(root, rel) for rel in manifest["files"]}
+    unlisted = sorted(export_files(root) - files.keys())
+    if unlisted:
+        raise ExportError(f"{root}: {', '.join(unlisted)}: not listed in {MANIFEST} (an export holds only "
+                          "the files its manifest lists)")
+    for rel, f in files.items():
+        _check_file(f, manifest["files"][rel])
     return manifest
 
 
@@ -139,9 +183,12 @@ def _model_card(manifest: dict) -> str:
         f"Tasks: {', '.join(manifest['tasks'])}. Base: {manifest['base_model']['id']}.", "",
         "| steps | times | PSNR | SSIM | LPIPS |", "|---:|---|---:|---:|---:|", *rows, "",
         "Metrics: means over the tasks of fluxir's frozen test set (NaN: not measured).", "",
-        "Without fluxir (torch + diffusers): `python restore.py --task denoise in.png out.png`.",
-        "With fluxir: `fluxir restore --model . --task denoise in.png out.png`.",
-        "`manifest.json` lists the sha256 of every file; fluxir refuses a folder that does not match."])
+        "Without fluxir (torch + diffusers): `python MODEL/restore.py --task denoise in.png out.png`.",
+        "With fluxir: `fluxir restore --model MODEL --task denoise in.png out.png`.",
+        "`manifest.json` lists the sha256 of every file; fluxir refuses a folder that does not match it or holds",
+        "a file it does not list (keep images elsewhere). The checksums catch corruption and accidental edits,",
+        "not who wrote the files: whoever can change them can rewrite the manifest too. Treat an export from a",
+        "source you do not trust like code."])
 
 
 def export_policy(policy, codec, cfg, out_dir: str | Path, schedules: dict[int, list[float]],
@@ -249,9 +296,17 @@ def recorded_metrics(run_dir: Path, policy_dir: Path, card: dict, budgets) -> di
 
 # --- reading an export ---------------------------------------------------------------------------
 
+def _from_pretrained(model_class, folder: Path):
+    """A diffusers model from safetensors only: never a pickled `.bin` beside or instead of them."""
+    try:
+        return model_class.from_pretrained(folder, use_safetensors=True)
+    except OSError as err:  # diffusers' "no file named ...safetensors"
+        raise ExportError(f"{folder}: {str(err).splitlines()[0]}") from err
+
+
 def load_export(root: str | Path):
     """Verify and load an export: (policy, codec, cfg, manifest, schedules {budget: times})."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     from fluxir.codec import PixelCodec, VaeCodec
     from fluxir.config import Config
@@ -261,11 +316,11 @@ def load_export(root: str | Path):
     manifest = verify_export(root)
     cfg = Config.model_validate(manifest["config"])
     s = manifest["sampler"]
-    transformer = FluxTransformer2DModel.from_pretrained(root / "transformer")
+    transformer = _from_pretrained(FluxTransformer2DModel, root / "transformer")
     cond = load_file(str(root / "conditioning.safetensors"))
     policy = RestorationPolicy(transformer, transformer.config.out_channels, s["parametrization"],
                                cond["prompt_embeds"], cond["pooled_prompt_embeds"], learn_conditioning=False,
                                guidance=s["guidance"], precond=precond_of(cfg)).eval()
-    codec = VaeCodec.from_pretrained(root / "vae") if s["codec"] == "vae" else PixelCodec()
+    codec = VaeCodec(_from_pretrained(AutoencoderKL, root / "vae")) if s["codec"] == "vae" else PixelCodec()
     schedules = {int(k): v for k, v in json.loads((root / "schedules.json").read_text()).items()}
     return policy, codec, cfg, manifest, schedules

@@ -4,6 +4,7 @@ The policy here is the smoke model with LoRA on and every LoRA/input weight rand
 merge is really exercised (a fresh LoRA is a no-op). No Ray is needed.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,97 @@ def test_export_never_overwrites(lora_run, capsys):
     assert main(["export", str(run), str(out.parent / "x"), "--budget", "2"]) == 2  # no students in this run
     assert "needs distilled students" in capsys.readouterr().err
     assert not (out.parent / "x").exists() and not (out.parent / "x.partial").exists()
+
+
+def _relist(out: Path, files: dict) -> None:
+    """Rewrite the manifest's file table (as whoever can edit the files can also do)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"] = files
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _entry(path: Path) -> dict:
+    import hashlib
+
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+
+
+@pytest.mark.parametrize("rel", ["transformer/diffusion_pytorch_model.bin", "numpy.py", "vae/extra/config.json"])
+def test_unlisted_file_is_refused_naming_it(lora_run, tmp_path, capsys, rel):
+    """Only the top-level manifest.json may be unlisted: an extra weight file diffusers would pick up, or a
+    module that shadows an import of restore.py, is refused before anything loads."""
+    out = _copy(lora_run[2], tmp_path / "extra")
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    (out / rel).write_bytes(b"not listed")
+    with pytest.raises(ExportError, match=f"{rel}: not listed in manifest.json"):
+        verify_export(out)
+    assert main(["restore", "--model", str(out), "--task", "sr", "in.png", "out.png"]) == 2
+    err = capsys.readouterr().err
+    assert rel in err and err.count("\n") == 1
+
+
+def test_unlisted_symlink_is_refused(lora_run, tmp_path):
+    out = _copy(lora_run[2], tmp_path / "link")
+    (out / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(ExportError, match="elsewhere: not listed"):
+        verify_export(out)
+
+
+@pytest.mark.parametrize("kind", ["parent", "nested parent", "absolute", "symlink", "symlinked manifest"])
+def test_manifest_paths_are_confined_to_the_export(lora_run, tmp_path, monkeypatch, kind):
+    """A listed path that leads outside the export is refused, naming it, before any file is hashed."""
+    import fluxir.export
+
+    out = _copy(lora_run[2], tmp_path / "export")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the export")
+    rel = {"parent": "../secret", "nested parent": "transformer/../../secret", "absolute": str(secret),
+           "symlink": "secret.safetensors", "symlinked manifest": "manifest.json"}[kind]
+    if kind == "symlink":
+        (out / rel).symlink_to(secret)
+    if kind == "symlinked manifest":
+        (out / rel).rename(secret)
+        (out / rel).symlink_to(secret)
+    else:
+        _relist(out, {**json.loads((out / "manifest.json").read_text())["files"], rel: _entry(secret)})
+
+    def never(path):
+        raise AssertionError(f"hashed {path} before the paths were checked")
+
+    monkeypatch.setattr(fluxir.export, "sha256_file", never)
+    with pytest.raises(ExportError, match=re.escape(rel)):
+        verify_export(out)
+
+
+def test_pickled_weights_are_never_loaded(lora_run, tmp_path, capsys):
+    """A transformer saved as a pickle (.bin) with a manifest rewritten to match passes the checksums, but
+    neither fluxir nor restore.py unpickles it: diffusers is asked for safetensors only."""
+    from safetensors.torch import load_file
+
+    from fluxir.export import file_table
+
+    out = _copy(lora_run[2], tmp_path / "pickled")
+    weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), weights.with_suffix(".bin"))
+    weights.unlink()
+    _relist(out, file_table(out))
+    verify_export(out)  # the checksums match: they say nothing about who wrote the files
+    with pytest.raises(ExportError, match="transformer: .*safetensors"):
+        load_export(out)
+    assert main(["restore", "--model", str(out), "--task", "sr", "in.png", "out.png"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    proc = subprocess.run([sys.executable, str(out / "restore.py"), "--task", "sr", "in.png", "out.npy"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "diffusion_pytorch_model.safetensors" in proc.stderr
+
+
+def test_model_card_says_what_the_checksums_protect(lora_run):
+    card = (lora_run[2] / "README.md").read_text()
+    assert "not who wrote the files" in card and "like code" in card
+
+
+def test_load_export_reads_the_vae_from_safetensors(vae_run):
+    from fluxir.codec import VaeCodec
+
+    _, codec, *_ = load_export(vae_run[2])
+    assert isinstance(codec, VaeCodec) and codec.scaling_factor == 0.5 and codec.latent_channels == 4
