@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.learner import LearnerGroup, actor_options
 from actors.runtime import init_ray, threads_for
 from actors.tracking import Tracker, rl_metrics
+from fluxir.files import replace_dir, write_error
 
 log = logging.getLogger(__name__)
 
@@ -331,12 +332,15 @@ def save_checkpoint(system: RLSystem, root: Path, state: dict, keep: int) -> Pat
             json.dump({**state, "rng": rng}, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException as err:
+        replace_dir(tmp, final)
+    except Exception as err:
+        failure = write_error(tmp, getattr(err, "cause", None) or err)  # before the partial files go
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"checkpoint {final} not written ({err}); earlier checkpoints are kept") from err
+        raise OSError(failure.errno, f"checkpoint {final} not written, earlier ones are kept: "
+                                     f"{failure.strerror}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in _checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,7 +1,9 @@
 """Runs a fluxir Recipe data-parallel on Ray Train (V2 API) with a DeepSpeed engine per worker.
 
-Checkpoints are DeepSpeed checkpoints (each rank writes its own shards) reported through Ray Train,
-which merges the ranks' directories into one; a rerun with the same run_dir/name resumes from it.
+Checkpoints are DeepSpeed checkpoints: every rank writes its shards into `.tmp-checkpoint_N` in the run's
+storage, rank 0 renames the complete folder to `checkpoint_N`, and Ray Train registers that folder as it
+is; a folder under its final name is complete. A rerun with the same run_dir/name resumes from the latest
+one and removes a `.tmp-` folder left by a run that died while saving.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
+import shutil
 import threading
 import time
 import warnings
@@ -19,11 +21,13 @@ from typing import Any, Callable
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig,
+                       ScalingConfig)
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
 from actors.runtime import threads_for, worker_env_vars
+from fluxir.files import replace_dir, write_error
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +135,28 @@ def _restore(engine, ema=None) -> int:
 
 
 def _report_checkpoint(engine, step: int, metrics: dict, ema=None) -> None:
-    """Every rank saves its DeepSpeed shards locally; Ray Train merges the ranks into one checkpoint."""
-    tag = f"step{step:08d}"
-    with tempfile.TemporaryDirectory(prefix="fluxir-ckpt-") as directory:
-        engine.save_checkpoint(directory, tag=tag, client_state={"ema": ema.state_dict()} if ema else {})
-        if ray.train.get_context().get_world_rank() == 0:
-            (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "tag": tag}))
-        ray.train.report(
-            metrics,
-            checkpoint=Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"checkpoint_{step:08d}",
-        )
+    """The ranks' DeepSpeed shards into `.tmp-checkpoint_N` beside the run's checkpoints, renamed whole to
+    `checkpoint_N` by rank 0, then registered with Ray Train where it lies (no copy)."""
+    import torch.distributed as dist
+
+    context = ray.train.get_context()
+    name, tag, rank0 = f"checkpoint_{step:08d}", f"step{step:08d}", context.get_world_rank() == 0
+    root = Path(context.get_storage().experiment_fs_path)
+    tmp, final = root / f".tmp-{name}", root / name
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    try:
+        engine.save_checkpoint(str(tmp), tag=tag, client_state={"ema": ema.state_dict()} if ema else {})
+        dist.barrier()
+        if rank0:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "tag": tag}))
+            replace_dir(tmp, final)
+    except Exception as err:
+        raise write_error(tmp, err) from err
+    dist.barrier()
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(final)), checkpoint_dir_name=name,
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def _report(engine, step: int, metrics: dict, is_checkpoint: bool, ema=None) -> None:
@@ -340,6 +355,13 @@ def _set_aside(run_path: Path) -> None:
         run_path.rename(aside)
 
 
+def _remove_incomplete(run_path: Path) -> None:
+    """Checkpoints a run did not finish saving (killed, or out of space) never carry a final name."""
+    for stale in sorted(run_path.glob(".tmp-checkpoint_*")):
+        log.warning("removing incomplete checkpoint %s (its run stopped while saving it)", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def run_training(
     recipe_path: str,
     config: dict,
@@ -373,6 +395,7 @@ def run_training(
     run_path = storage / name
     if not resume:
         _set_aside(run_path)
+    _remove_incomplete(run_path)
     model_dir = run_path / "model"
     cfg = {
         "recipe_path": recipe_path,

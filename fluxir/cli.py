@@ -10,12 +10,22 @@ from pathlib import Path
 
 from fluxir.config import Config, ConfigError, dump_config, load_config
 from fluxir.export import ExportError
+from fluxir.files import RunFolderBusy
 
 log = logging.getLogger("fluxir")
 
 
 def _config(args) -> Config:
     return load_config(args.config, args.overrides)
+
+
+def _writer_config(args) -> Config:
+    """The config of a command that writes its run folder, whose lock this process then holds."""
+    from fluxir.files import lock_run_folder
+
+    cfg = _config(args)
+    lock_run_folder(cfg.run_dir, " ".join(["fluxir", *sys.argv[1:]]))
+    return cfg
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -47,7 +57,7 @@ def _testset(cfg: Config, split: str = "test") -> dict:
 
 
 def cmd_pretrain(args) -> int:
-    cfg = _config(args)
+    cfg = _writer_config(args)
     from actors.pretrain import run_pretrain
 
     out = run_pretrain(cfg)
@@ -292,7 +302,7 @@ def _write_stage_report(cfg: Config, section: str, name: str) -> int:
 
 
 def cmd_distill(args) -> int:
-    cfg = _config(args)
+    cfg = _writer_config(args)
     section, _ = _stage2(cfg, _command(args, "distill"), resume=args.resume)
     return _write_stage_report(cfg, section, "distill_report.md")
 
@@ -302,7 +312,7 @@ def cmd_sweep(args) -> int:
     from fluxir.config import load_sweep
     from fluxir.report import sweep_section, write_json, write_pareto_plot
 
-    cfg = _config(args)
+    cfg = _writer_config(args)
     sweep = load_sweep(args.sweep or cfg.distill.sweep)
     command = _command(args, "sweep", *(["--sweep", args.sweep] if args.sweep else []))
     start = time.perf_counter()
@@ -319,7 +329,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_rl(args) -> int:
-    cfg = _config(args)
+    cfg = _writer_config(args)
     section, _ = _stage1(cfg, _command(args, "rl"))
     return _write_stage_report(cfg, section, "rl_report.md")
 
@@ -358,7 +368,7 @@ def cmd_run(args) -> int:
     from fluxir.report import eval_section, write_grids, write_json, write_report
     from actors.pretrain import run_pretrain
 
-    cfg = _config(args)
+    cfg = _writer_config(args)
     start = time.perf_counter()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -527,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ExportError as err:
         print(f"fluxir: export error: {err}", file=sys.stderr)
+        return 2
+    except RunFolderBusy as err:
+        print(f"fluxir: {err}", file=sys.stderr)
         return 2
 
 
