@@ -18,7 +18,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.runtime import threads_for
-from actors.train import _import_deepspeed, check_precision, full_parameters, load_ds_config
+from actors.train import _import_deepspeed, check_precision, full_parameters, load_ds_config, weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class LearnerActor:
         params = [p for p in policy.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=params, config=ds_config,
                                                dist_init_required=False)
+        weights_only_loads(self.engine)
         place(self.codec, self.cfg.model.dtype, self.engine.device)  # DeepSpeed placed the policy
         self.objective = RLObjective(self.cfg, self.codec)
         return {"rank": self.rank, "backend": backend, "zero_stage": self.engine.zero_optimization_stage(),

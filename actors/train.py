@@ -89,6 +89,34 @@ def _import_deepspeed():
     return deepspeed
 
 
+def _deepspeed_checkpoint_types() -> list:
+    """The non-tensor types DeepSpeed's ZeRO-1/2/3 checkpoints hold besides containers of tensors and numbers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_load(path: str, map_location=None):
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line for line in str(err).splitlines() if "GLOBAL" in line), str(err).splitlines()[0])
+        raise pickle.UnpicklingError(f"{path}: refused, it holds more than weights and DeepSpeed's own state "
+                                     f"({reason.strip()})") from None
+
+
+def weights_only_loads(engine) -> None:
+    """Make a DeepSpeed engine load checkpoints weights-only: a planted checkpoint file cannot run code."""
+    engine.checkpoint_engine.load = _weights_only_load
+
+
 def _build_engine(recipe, ds_config: dict):
     import torch.distributed as dist
 
@@ -102,6 +130,7 @@ def _build_engine(recipe, ds_config: dict):
         config=ds_config,
         dist_init_required=False,
     )
+    weights_only_loads(engine)
     return engine
 
 

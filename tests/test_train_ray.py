@@ -121,3 +121,42 @@ def test_threads_follow_the_cpu_share():
 
     assert [threads_for({"CPU": c}) for c in (0.2, 0.5, 1, 1.2, 2, 8)] == [1, 1, 1, 2, 2, 8]
     assert threads_for({}) == 1 and threads_for({"GPU": 1}) == 1
+
+
+class _Planted:
+    """Unpickling this writes a file: what a planted checkpoint could do in a Ray worker."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("code ran",))
+
+
+def test_deepspeed_checkpoints_load_weights_only(tmp_path):
+    """DeepSpeed's own checkpoint types load; a pickle that would run code is refused by file name."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from actors.train import _weights_only_load
+
+    honest = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                                         "base_optimizer_state": {"state": {0: {"exp_avg": torch.ones(2)}}}}}, honest)
+    assert _weights_only_load(str(honest))["optimizer_state_dict"]["zero_stage"] == ZeroStageEnum.gradients
+    planted, marker = tmp_path / "mp_rank_00_model_states.pt", tmp_path / "marker"
+    torch.save({"module": _Planted(str(marker))}, planted)
+    with pytest.raises(Exception, match=f"{planted}: refused"):
+        _weights_only_load(str(planted))
+    assert not marker.exists()
+
+
+@pytest.mark.slow  # two training starts (~60 s); CI runs it (`make test-slow`)
+def test_resume_refuses_a_planted_checkpoint(ray_session, run_dir):
+    _train(run_dir, "planted", 10)
+    shard = run_dir / "planted" / "checkpoint_00000010" / "step00000010" / "mp_rank_00_model_states.pt"
+    marker = run_dir / "planted-marker"
+    torch.save({"module": _Planted(str(marker))}, shard)
+    with pytest.raises(RuntimeError, match="mp_rank_00_model_states.pt: refused"):
+        _train(run_dir, "planted", 20)
+    assert not marker.exists()
