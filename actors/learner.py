@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.runtime import threads_for
+from actors.runtime import host_rendezvous, threads_for
 from actors.train import _import_deepspeed, check_precision, full_parameters, load_ds_config, weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -62,12 +61,12 @@ class LearnerActor:
         self.init_dir, self.rank, self.world = init_dir, rank, world
         self.engine = None
 
-    def address(self) -> tuple[str, int, str]:
-        """This node's address, a free port on it (rank 0 hosts the rendezvous) and its Ray node id."""
-        host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1], ray.get_runtime_context().get_node_id()
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def host_rendezvous(self) -> tuple[str, int]:
+        """Rank 0: the process group's rendezvous, on this node's address only."""
+        return host_rendezvous()
 
     def setup(self, master: str, port: int, local_rank: int, ds_config: dict) -> dict:
         import torch
@@ -187,9 +186,8 @@ class LearnerGroup:
 
     def _rendezvous(self, cfg) -> list[dict]:
         """Rank 0 hosts the process group; every rank builds its engine."""
-        addresses = ray.get([a.address.remote() for a in self.actors])
-        master, port, _ = addresses[0]
-        nodes = [node for _, _, node in addresses]
+        master, port = ray.get(self.actors[0].host_rendezvous.remote())
+        nodes = ray.get([a.node.remote() for a in self.actors])
         local_ranks = [nodes[:rank].count(node) for rank, node in enumerate(nodes)]
         ds_config = learner_ds_config(cfg, self.world)
         return ray.get([a.setup.remote(master, port, lr, ds_config) for a, lr in zip(self.actors, local_ranks)])

@@ -99,3 +99,27 @@ def init_ray(
         log.info("connecting to ray at %s", target)
         ray.init(address=target, **opts)
     return ray.cluster_resources()
+
+
+_rendezvous_servers: list = []  # (listening socket, TCPStore) hosted by this process, alive as long as it is
+
+
+def host_rendezvous() -> tuple[str, int]:
+    """Host torch.distributed's rendezvous (a TCPStore, unauthenticated) on this node's Ray address only:
+    127.0.0.1 on a single machine, the node's cluster address on a cluster. torch's own server listens on
+    every interface; this one is handed a socket bound to that address, and the process group this process
+    then initialises at (host, port) shares it (a multi-tenant store on the same port). Returns (host, port)."""
+    import socket
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    host = ray.util.get_node_ip_address()
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((host, 0))
+    listener.listen(socket.SOMAXCONN)
+    port = listener.getsockname()[1]
+    store = TCPStore(host, port, is_master=True, multi_tenant=True, master_listen_fd=listener.fileno(),
+                     wait_for_workers=False, timeout=timedelta(minutes=30))
+    _rendezvous_servers.append((listener, store))
+    return host, port

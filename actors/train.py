@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,10 +24,12 @@ import ray
 import ray.train
 from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig,
                        ScalingConfig)
+from ray._common.network_utils import build_address
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 from ray.train.v2.api.callback import UserCallback
 
-from actors.runtime import threads_for, worker_env_vars
+from actors.runtime import host_rendezvous, threads_for, worker_env_vars
 from fluxir.files import replace_dir, write_error
 
 log = logging.getLogger(__name__)
@@ -384,6 +387,29 @@ def _set_aside(run_path: Path) -> None:
         run_path.rename(aside)
 
 
+class _NodeAddressRendezvous(_TorchBackend):
+    """Ray Train's torch backend with rank 0's rendezvous on its node's Ray address only (see
+    `actors.runtime.host_rendezvous`) instead of torch's store on every interface."""
+
+    def on_start(self, worker_group, backend_config) -> None:
+        host, port = worker_group.execute_single(0, host_rendezvous)
+        worker_group.execute(_set_torch_distributed_env_vars)
+        ray.get([worker_group.execute_single_async(rank, _setup_torch_process_group, backend=backend_config.backend,
+                                                   world_rank=rank, world_size=len(worker_group),
+                                                   init_method=f"tcp://{build_address(host, port)}",
+                                                   timeout_s=backend_config.timeout_s)
+                 for rank in range(len(worker_group))])
+
+
+@dataclass
+class NodeAddressTorchConfig(TorchConfig):
+    """TorchConfig whose process group meets on rank 0's node address only (backend must be given)."""
+
+    @property
+    def backend_cls(self):
+        return _NodeAddressRendezvous
+
+
 def _remove_incomplete(run_path: Path) -> None:
     """Checkpoints a run did not finish saving (killed, or out of space) never carry a final name."""
     for stale in sorted(run_path.glob(".tmp-checkpoint_*")):
@@ -446,7 +472,7 @@ def run_training(
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=cfg,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=NodeAddressTorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             storage_path=str(storage),

@@ -38,7 +38,8 @@ def cluster_smoke_run(tmp_path_factory):
     `ray job submit` (cluster/runtime_env.yaml), watched through the Jobs REST API while the node's
     Prometheus endpoint is scraped; then `fluxir submit --follow` of a short job. The head is stopped at
     the end, also on failure. Returns what the tests check (the run folder, status, logs, metric names,
-    actor names, the `fluxir submit` output, pids left alive)."""
+    actor names, the `fluxir submit` output, pids left alive, sockets of the head's processes listening on
+    every interface and the titles of its processes, both sampled every tick)."""
     import re
     import subprocess
     import uuid
@@ -51,9 +52,12 @@ def cluster_smoke_run(tmp_path_factory):
     run_args = ["run", str(root / "configs/smoke.yaml"), f"output_dir={out}"]
     head, seen = LocalHead(num_cpus=2), set()
     result = SimpleNamespace(run_dir=out / "smoke", args=run_args, status=None, logs="", metrics=seen, actors=[],
-                             submit=None, left=None)
+                             submit=None, left=None, open_to_all=set(), processes=set())
 
     def scrape():
+        wildcard, titles = head.listeners()
+        result.open_to_all.update(wildcard)
+        result.processes.update(titles)
         try:
             seen.update(re.findall(r"^ray_(fluxir_\w+?)(?:\{| )", head.metrics_text(), re.M))
         except OSError:

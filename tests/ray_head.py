@@ -94,6 +94,19 @@ class LocalHead:
                 continue
         return list(found.values())
 
+    def listeners(self) -> tuple[set[str], set[str]]:
+        """(this head's sockets listening on every interface (0.0.0.0 or ::), as "process title :port";
+        the titles of its processes now), read from the kernel's socket table."""
+        titles = {}
+        for p in self.processes():
+            try:
+                titles[p.pid] = " ".join(p.cmdline())[:60]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        wildcard = {f"{titles[c.pid]} :{c.laddr.port}" for c in psutil.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN and c.laddr.ip in ("0.0.0.0", "::") and c.pid in titles}
+        return wildcard, set(titles.values())
+
     def stop(self) -> list[int]:
         """Terminate (then kill) this head's processes; returns the pids still alive (should be none)."""
         procs = self.processes()

@@ -144,6 +144,27 @@ def test_fluxir_metrics_reach_prometheus(cluster_smoke_run):
         assert stage_metric in metrics, sorted(metrics)
 
 
+def test_no_socket_listens_on_every_interface(cluster_smoke_run):
+    """Stages 0 and 1 (Ray Train ranks, learners) ran while the sockets were read; none of the head's
+    processes, torch.distributed's rendezvous included, listened beyond loopback."""
+    titles = " ".join(cluster_smoke_run.processes)
+    assert "ray::RayTrainWorker" in titles and "ray::LearnerActor" in titles, sorted(cluster_smoke_run.processes)
+    assert cluster_smoke_run.open_to_all == set()
+
+
+def test_the_socket_reader_sees_a_socket_open_to_all():
+    import socket
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert any(c.laddr.ip == "0.0.0.0" and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                   for c in psutil.net_connections(kind="inet"))
+
+
 def test_actors_are_named_in_the_dashboard(cluster_smoke_run):
     names = set(cluster_smoke_run.actors)
     for name in ("rollout-0", "rollout-1", "reward-0", "learner-0", "learner-1"):
