@@ -35,7 +35,7 @@ from fluxir.report import write_json
 from fluxir.export import sha256_file
 from fluxir.rollouts import column_tensor, read_parquet, schedule_of, to_record_batch, write_parquet
 
-from actors.runtime import init_ray, threads_for
+from actors.runtime import check_resources, init_ray, threads_for
 from actors.tracking import DISTILL_GAUGES, StageMetrics
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,7 @@ def run_trials(cfg: Config, shared: dict, stage_dir: Path, param_space: dict, sc
     # makes `--resume` exact); Tune warns about that frequency, which is intended here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
+    check_resources("stage 2", [("distill.trial_resources", cfg.distill.trial_resources, 1)])
     trainable = tune.with_resources(tune.with_parameters(distill_trial, shared=shared),
                                     tune.PlacementGroupFactory([dict(cfg.distill.trial_resources)]))
     path = (stage_dir / name).resolve()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from actors.runtime import init_ray
+from actors.runtime import check_resources, init_ray
 from actors.tracking import TRAIN_GAUGES, StageMetrics, Tracker
 from actors.train import check_precision, load_ds_config, run_training
 
@@ -46,6 +46,8 @@ def run_pretrain(cfg, show_progress: bool = True, resume: bool = True, on_metric
 
     `on_metrics(dict)`, if given, sees every metrics report of rank 0 (step, loss, steps_per_s, ...)."""
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
+    check_resources("stage 0", [("pretrain.worker_resources", cfg.pretrain.worker_resources,
+                                 cfg.pretrain.num_workers)])
     bar = None
     if show_progress:
         from tqdm import tqdm

@@ -28,7 +28,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner import LearnerGroup, actor_options
-from actors.runtime import init_ray, threads_for
+from actors.runtime import check_resources, init_ray, threads_for
 from actors.tracking import Tracker, rl_metrics
 from fluxir.files import replace_dir, write_error
 
@@ -134,18 +134,12 @@ class RewardWorker:
         return with_scores(batch, scores)
 
 
-def check_resources(cfg, available: dict[str, float]) -> None:
-    """Fail fast, naming the config keys, when the actors cannot all be placed on this cluster."""
+def rl_roles(cfg) -> list[tuple[str, dict[str, float], int]]:
+    """(setting, resources per actor, count) of stage 1's actors."""
     rl = cfg.rl
-    roles = [("rl.rollout_resources", rl.rollout_resources, rl.num_rollout_actors),
-             ("rl.reward_resources", rl.reward_resources, rl.num_reward_workers),
-             ("rl.learner_resources", rl.learner_resources, rl.num_learners)]
-    for resource in {r for _, res, _ in roles for r in res}:
-        need = sum(res.get(resource, 0) * n for _, res, n in roles)
-        if need > available.get(resource, 0) + 1e-9:
-            parts = ", ".join(f"{key}={res.get(resource, 0)} x {n}" for key, res, n in roles)
-            raise ValueError(f"stage 1 needs {need:g} {resource} ({parts}) but the cluster has "
-                             f"{available.get(resource, 0):g}; lower those or the actor counts")
+    return [("rl.rollout_resources", rl.rollout_resources, rl.num_rollout_actors),
+            ("rl.reward_resources", rl.reward_resources, rl.num_reward_workers),
+            ("rl.learner_resources", rl.learner_resources, rl.num_learners)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +176,7 @@ class RLSystem:
         self.cfg = cfg
         config = cfg.model_dump(mode="json")
         rl = cfg.rl
-        check_resources(cfg, ray.cluster_resources())
+        check_resources("stage 1", rl_roles(cfg))
         self.slots = colocated_slots(cfg) if rl.colocate else None
         self.rollouts = [self._actor(RolloutActor, f"rollout-{i}", rl.rollout_resources, i, config, str(init_dir), i,
                                      threads_for(rl.rollout_resources)) for i in range(rl.num_rollout_actors)]

@@ -123,3 +123,19 @@ def host_rendezvous() -> tuple[str, int]:
                      wait_for_workers=False, timeout=timedelta(minutes=30))
     _rendezvous_servers.append((listener, store))
     return host, port
+
+
+def check_resources(stage: str, roles: list[tuple[str, dict[str, float], int]],
+                    available: dict[str, float] | None = None) -> None:
+    """Refuse, naming the config keys and the numbers, a stage whose `roles` ((setting, resources per
+    process, count)) cannot all be placed on the cluster (`ray.cluster_resources()` by default): Ray would
+    otherwise wait for them for ever."""
+    from fluxir.config import ConfigError
+
+    available = ray.cluster_resources() if available is None else available
+    for resource in sorted({r for _, res, _ in roles for r in res}):
+        need = sum(res.get(resource, 0) * n for _, res, n in roles)
+        if need > available.get(resource, 0) + 1e-9:
+            parts = ", ".join(f"{key}={res.get(resource, 0):g} x {n}" for key, res, n in roles)
+            raise ConfigError(f"{stage} needs {need:g} {resource} ({parts}) but the Ray cluster has "
+                              f"{available.get(resource, 0):g}; lower those settings or add nodes")

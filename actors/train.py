@@ -410,6 +410,27 @@ class NodeAddressTorchConfig(TorchConfig):
         return _NodeAddressRendezvous
 
 
+def _fit_off_the_main_thread(trainer):
+    """`trainer.fit()` on a helper thread, so that Ctrl-C stays a KeyboardInterrupt here. On the main thread
+    Ray Train installs its own SIGINT handler, which swallows the first two presses, exits 0 on the third
+    and stays installed after the run."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised on the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="fluxir-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def _remove_incomplete(run_path: Path) -> None:
     """Checkpoints a run did not finish saving (killed, or out of space) never carry a final name."""
     for stale in sorted(run_path.glob(".tmp-checkpoint_*")):
@@ -486,11 +507,8 @@ def run_training(
     )
     started = time.perf_counter()
     try:
-        if pump:
-            with pump:
-                result = trainer.fit()
-        else:
-            result = trainer.fit()
+        with pump or contextlib.nullcontext():
+            result = _fit_off_the_main_thread(trainer)
     except ray.train.TrainingFailedError as error:
         raise RuntimeError(f"training run {name!r} failed: {_root_cause(error)}") from error
     wall_s = time.perf_counter() - started

@@ -127,3 +127,15 @@ def _release(run_dir: Path) -> None:
 def release_run_folder(run_dir: Path) -> None:
     """Give up this process's lock on `run_dir` before it exits (tests, long-lived drivers)."""
     _release(Path(run_dir).resolve())
+
+
+def held_run_folders() -> list[Path]:
+    """The run folders this process holds the lock of."""
+    return list(_held)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of any stage under `run_dir` (stage 0's `checkpoint_N`, stage 1's
+    `iter_N`, a student trial's `checkpoint_N`; `.tmp-` folders are never complete), or None."""
+    found = [p for pattern in ("checkpoint_0*", "iter_0*") for p in Path(run_dir).rglob(pattern) if p.is_dir()]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
