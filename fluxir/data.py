@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -16,10 +17,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from fluxir.degradations import TASKS, degrade, task_id
+from fluxir.files import write_error
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +104,17 @@ def bundled_images(split: str, scale: float = 1.0) -> list[tuple[str, Tensor]]:
 # ---------------------------------------------------------------- loading files
 
 
-class BadImageError(ValueError):
-    """An image file that cannot be used; the message names the file and the reason."""
+class ImageFileError(ValueError):
+    """An image file that cannot be read, or written where asked; the message is one line naming the file."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{path}: {self.reason}")
+
+
+class BadImageError(ImageFileError):
+    """An image file that cannot be used; the message names the file and the reason."""
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -122,6 +128,7 @@ def _read_array(path: Path) -> np.ndarray:
         return tifffile.imread(path)
     with Image.open(path) as im:
         im.load()
+        ImageOps.exif_transpose(im, in_place=True)  # upright, as viewers show it
         if im.mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         elif im.mode in ("PA", "LA"):
@@ -163,7 +170,7 @@ def _to_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
         raise BadImageError(path, f"unsupported array shape {pixels.shape} (expected (H, W) or (H, W, 1-4))")
     if pixels.shape[-1] in (2, 4):
         if pixels[..., -1].min() < 1:
-            raise BadImageError(path, "alpha channel has transparent pixels")
+            raise BadImageError(path, "alpha channel has transparent pixels (flatten the image onto a background first)")
         pixels = pixels[..., :-1]
     if pixels.shape[-1] == 1:
         pixels = np.repeat(pixels, 3, axis=-1)
@@ -173,15 +180,22 @@ def _to_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
 def load_image(path: str | Path, min_size: int = 16) -> Tensor:
     """Load an image file as float32 `(3, H, W)` in [0, 1].
 
-    Unambiguous conversions: greyscale/palette -> RGB, 16-bit -> [0, 1], fully opaque alpha dropped.
-    Raises BadImageError(path, reason) for unreadable or truncated files, real transparency, NaN/inf
-    or out-of-range floats, ambiguous types, or a side shorter than `min_size`.
+    Unambiguous conversions: greyscale/palette -> RGB, 16-bit -> [0, 1], fully opaque alpha dropped, the
+    EXIF orientation applied. Raises BadImageError(path, reason) for a missing or empty file, an unreadable
+    or truncated one, real transparency (refused: what belongs under it is not known), NaN/inf or
+    out-of-range floats, ambiguous types, or a side shorter than `min_size`.
     """
     path = Path(path)
+    if not path.is_file():
+        raise BadImageError(path, "no such file" if not path.exists() else "not a file")
+    if path.stat().st_size == 0:
+        raise BadImageError(path, "empty file")
     try:
         array = _read_array(path)
     except BadImageError:
         raise
+    except Image.UnidentifiedImageError as exc:
+        raise BadImageError(path, "unreadable (not an image file PIL knows)") from exc
     except Exception as exc:  # PIL/tifffile/numpy raise many types for corrupt data
         raise BadImageError(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
     pixels = _to_rgb(_to_unit(np.asarray(array), path), path)
@@ -444,12 +458,71 @@ def textured_crops(image: Tensor, size: int, count: int, stride: int | None = No
     return chosen
 
 
-def save_image(image: Tensor, path: str | Path) -> None:
-    """Write `(3, H, W)` in [0, 1] as an 8-bit RGB image (format from the suffix, e.g. PNG)."""
+WRITE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+
+
+def output_format(path: str | Path) -> str:
+    """PIL's format name for writing an 8-bit RGB image to `path`, from its suffix; ImageFileError if
+    fluxir does not write that kind of file (or this Pillow cannot)."""
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if suffix not in WRITE_SUFFIXES or fmt not in Image.SAVE:
+        raise ImageFileError(path, f"cannot write {f'{suffix!r} files' if suffix else 'a file without a suffix'}; "
+                                   f"the output must end in one of {', '.join(WRITE_SUFFIXES)}")
+    return fmt
+
+
+def check_output_path(path: str | Path, source: str | Path | None = None) -> None:
+    """Raise ImageFileError unless an image can be written at `path`: a suffix fluxir writes, not a folder
+    nor a read-only file, inside a writable folder (or one that can be made), and not the file `source`
+    (also through a link or another spelling)."""
     path = Path(path)
+    output_format(path)
+    if path.is_dir():
+        raise ImageFileError(path, "is a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ImageFileError(path, "is read-only")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ImageFileError(path, f"cannot be written: {folder} is not a writable folder")
+    if source is not None and path.exists() and os.path.samefile(source, path):
+        raise ImageFileError(path, f"is the input {source} itself; give another output, or --overwrite to replace it")
+
+
+@contextmanager
+def replaced_whole(path: Path):
+    """A binary file that takes `path`'s place only once written in full: it is written beside the target
+    (a link is followed to the file it names) and renamed over it; on any error it is removed and the target
+    is untouched."""
+    target = Path(os.path.realpath(path))
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")
+    try:
+        with open(partial, "xb") as f:  # mode from the umask, as a plain open() would give
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def save_image(image: Tensor, path: str | Path) -> None:
+    """Write `(3, H, W)` in [0, 1] as an 8-bit RGB image (format from the suffix, e.g. PNG); a failed write
+    (ImageFileError) leaves a file already at `path` as it was."""
+    path = Path(path)
+    fmt = output_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(path)
+    try:
+        with replaced_whole(path) as f:
+            Image.fromarray(array).save(f, format=fmt)
+    except OSError as err:
+        raise ImageFileError(path, f"not written ({write_error(path, err).strerror}); "
+                                   "a file already there is unchanged") from err
 
 
 def quantise(image: Tensor) -> Tensor:

@@ -112,49 +112,67 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
-def _blend_window(tile: int, overlap: int) -> torch.Tensor:
-    """(tile, tile) weights: linear ramps over the overlap, 1 inside, never 0 (so every pixel is covered)."""
-    ramp = torch.ones(tile)
+def tile_boxes(h: int, w: int, tile: int, overlap: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """(tile height, tile width, [(top, left)]) of the overlapping tiles that cover an h × w image; a side
+    shorter than `tile` is one tile of that side's length."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must be in [0, tile={tile})")
+    th, tw = min(tile, h), min(tile, w)
+    return th, tw, [(y, x) for y in _tile_starts(h, th, overlap) for x in _tile_starts(w, tw, overlap)]
+
+
+def _ramp(size: int, overlap: int) -> torch.Tensor:
+    ramp = torch.ones(size)
     if overlap > 0:
         edge = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
         ramp[:overlap], ramp[-overlap:] = edge, edge.flip(0)
-    return ramp[:, None] * ramp[None, :]
+    return ramp
+
+
+def _blend_window(th: int, tw: int, overlap: int) -> torch.Tensor:
+    """(th, tw) weights: linear ramps over the overlap, 1 inside, never 0 (so every pixel is covered)."""
+    return _ramp(th, overlap)[:, None] * _ramp(tw, overlap)[None, :]
 
 
 @torch.no_grad()
 def restore_tiled(policy, codec, lq, task, schedule, flow_cfg, tile: int, overlap: int, seed: int = 0,
-                  batch_size: int = 64) -> torch.Tensor:
+                  batch_size: int = 64, progress=None) -> torch.Tensor:
     """Restore images larger than the training crop with overlapping, linearly blended tiles.
 
-    lq (B, 3, H, W) in [0, 1], H and W >= tile; tiles of one image are batched together. Every tile
-    starts from its crop of one latent noise field per image (`noise_field` with `seed`), so overlapping
-    tiles share their source noise and blending mixes no independent draws; tile starts must therefore
-    sit on the codec's latent grid (multiples of `codec.downsample`).
+    lq (B, 3, H, W) in [0, 1]; the tiles of all images go through the model `batch_size` at a time and
+    are blended into the output as they come (memory stays that of the images). Every tile starts from
+    its crop of one latent noise field per image (`noise_field` with `seed`), so overlapping tiles share
+    their source noise and blending mixes no independent draws; tile starts must therefore sit on the
+    codec's latent grid (multiples of `codec.downsample`). `progress(done, total)` is called with the
+    tiles restored so far after each batch.
     """
     b, _, h, w = lq.shape
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap {overlap} must be in [0, tile={tile})")
-    if h <= tile and w <= tile:
-        return restore(policy, codec, lq, task, schedule, flow_cfg, seed)
-    if h < tile or w < tile:
-        raise ValueError(f"image {h}x{w} is smaller than the tile {tile} in one dimension")
-    ds, ys, xs = codec.downsample, _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-    if any(v % ds for v in [tile, *ys, *xs]):
+    th, tw, boxes = tile_boxes(h, w, tile, overlap)
+    if len(boxes) == 1:
+        out = restore(policy, codec, lq, task, schedule, flow_cfg, seed)
+        if progress:
+            progress(b, b)
+        return out
+    ds = codec.downsample
+    if any(v % ds for v in [th, tw, *(c for box in boxes for c in box)]):
         raise ValueError(f"tile {tile} with overlap {overlap} on a {h}x{w} image puts tiles off the codec's "
                          f"{ds}-pixel latent grid: tile, tile − overlap and the image size must be multiples of {ds}")
-    boxes, lt = [(y, x) for y in ys for x in xs], tile // ds
-    crops = torch.stack([lq[:, :, y:y + tile, x:x + tile] for y, x in boxes], 1).flatten(0, 1)
     eps = noise_field((b, codec.latent_channels, h // ds, w // ds), seed)
-    noise = torch.stack([eps[:, :, y // ds:y // ds + lt, x // ds:x // ds + lt] for y, x in boxes], 1).flatten(0, 1)
-    tasks = task.repeat_interleave(len(boxes))
-    outs = torch.cat([restore(policy, codec, crops[i:i + batch_size], tasks[i:i + batch_size], schedule, flow_cfg,
-                              eps=noise[i:i + batch_size]) for i in range(0, len(crops), batch_size)])
-    outs = outs.view(b, len(boxes), 3, tile, tile)
-    weight = _blend_window(tile, overlap)
-    acc, norm = torch.zeros_like(lq), torch.zeros(1, 1, h, w)
-    for k, (y, x) in enumerate(boxes):
-        acc[:, :, y:y + tile, x:x + tile] += outs[:, k] * weight
-        norm[:, :, y:y + tile, x:x + tile] += weight
+    weight, acc, norm = _blend_window(th, tw, overlap), torch.zeros_like(lq), torch.zeros(1, 1, h, w)
+    for y, x in boxes:
+        norm[:, :, y:y + th, x:x + tw] += weight
+    jobs = [(i, y, x) for i in range(b) for y, x in boxes]
+    if progress:
+        progress(0, len(jobs))
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        crops = torch.stack([lq[i, :, y:y + th, x:x + tw] for i, y, x in chunk])
+        noise = torch.stack([eps[i, :, y // ds:(y + th) // ds, x // ds:(x + tw) // ds] for i, y, x in chunk])
+        outs = restore(policy, codec, crops, task[[i for i, _, _ in chunk]], schedule, flow_cfg, eps=noise)
+        for (i, y, x), out in zip(chunk, outs):
+            acc[i, :, y:y + th, x:x + tw] += out * weight
+        if progress:
+            progress(start + len(chunk), len(jobs))
     return acc / norm
 
 

@@ -15,17 +15,47 @@ What it does, from `manifest.json` ("sampler") and `schedules.json` ({budget: ti
     conditioning (conditioning.safetensors); x0̂ = LQ + out ("x0_residual"), its preconditioned form
     ("x0_precond", c_skip/c_out as fluxir.flow.precondition) or x − t·out ("velocity");
     v = (x − x0̂)/t; x <- x0̂ if s = 0 else x + (s − t)·v;
-  * images larger than the tile are restored in overlapping tiles blended with linear ramps.
+  * images larger than the tile are restored in overlapping tiles blended with linear ramps (a side shorter
+    than the tile is one tile of its length), `BATCH` tiles per transformer call, with a progress bar; the
+    overlap is the sampler's (the evaluation's), or with --fast cut to at most FAST_MAX_OVERLAP of the tile
+    keeping its remainder modulo 2·downsample (fluxir.evaluate.fast_tiling: fewer tiles, a little lower
+    quality).
+Like `fluxir restore`, it checks everything it can before loading the model and ends any bad input in one
+line on stderr and exit code 2: the budget and task, the image (missing, empty, unreadable, truncated, with
+transparent pixels, smaller than `MIN_SIZE`; the EXIF orientation is applied), the output (a suffix of
+`OUTPUT_SUFFIXES`, not the input file unless --overwrite). The output is written beside its target and
+renamed over it, so a failed write leaves a file already there unchanged.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+MIN_SIZE = 16
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".npy")
+BATCH = 64  # tiles per transformer call
+FAST_MAX_OVERLAP = 1 / 8  # of a tile, with --fast
+
+
+class RestoreError(ValueError):
+    """A bad budget, task, input image or output path, or a failed write: one line, exit code 2."""
+
+
+def read_settings(model_dir: Path) -> tuple[dict, dict[int, list[float]]]:
+    """(manifest, schedules {budget: times}) of an export: two small JSON files, read before any weights."""
+    try:
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        return manifest, {int(k): v for k, v in json.loads((model_dir / "schedules.json").read_text()).items()}
+    except (OSError, ValueError) as err:
+        raise RestoreError(f"{model_dir}: not a readable fluxir export ({type(err).__name__}: {err})") from None
 
 
 def load_model(model_dir: Path, device: str = "cpu", dtype=torch.float32):
@@ -33,15 +63,16 @@ def load_model(model_dir: Path, device: str = "cpu", dtype=torch.float32):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    schedules = {int(k): v for k, v in json.loads((model_dir / "schedules.json").read_text()).items()}
-    transformer = FluxTransformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=dtype)
+    manifest, schedules = read_settings(model_dir)
+    transformer = FluxTransformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=dtype,
+                                                         use_safetensors=True)
     cond = load_file(str(model_dir / "conditioning.safetensors"))
     vae = None
     if manifest["sampler"]["codec"] == "vae":
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=dtype).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=dtype,
+                                            use_safetensors=True).to(device).eval()
     return (transformer.to(device).eval(), cond["prompt_embeds"].to(device, dtype),
             cond["pooled_prompt_embeds"].to(device, dtype), vae, manifest, schedules)
 
@@ -125,16 +156,26 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(range(0, size - tile, tile - overlap)) | {size - tile})
 
 
-def _ramp(tile: int, overlap: int):
-    r = torch.ones(tile)
+def _ramp(size: int, overlap: int):
+    r = torch.ones(size)
     if overlap > 0:
         edge = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
         r[:overlap], r[-overlap:] = edge, edge.flip(0)
-    return r[:, None] * r[None, :]
+    return r
 
 
-def restore(model, image, task: str, budget: int | None = None):
-    """One image (3, H, W) in [0, 1] -> restored (3, H, W); tiled like fluxir's evaluation."""
+def restore_tiling(sampler: dict, fast: bool = False) -> tuple[int, int]:
+    """(tile, overlap) for images larger than one tile: the sampler's, or as fluxir.evaluate.fast_tiling."""
+    tile, overlap, step = sampler["tile"], sampler["overlap"], 2 * sampler["downsample"]
+    if not fast:
+        return tile, overlap
+    cap, rest = int(tile * FAST_MAX_OVERLAP), overlap % step
+    return tile, min(overlap, rest if cap < rest else rest + (cap - rest) // step * step)
+
+
+def restore(model, image, task: str, budget: int | None = None, progress=None, fast: bool = False):
+    """One image (3, H, W) in [0, 1] -> restored (3, H, W); tiled like fluxir's restore.
+    `progress(done, total)` is called with the tiles restored so far."""
     manifest, schedules = model[4], model[5]
     s = manifest["sampler"]
     schedule = schedules[budget if budget is not None else manifest["default_budget"]]
@@ -143,24 +184,113 @@ def restore(model, image, task: str, budget: int | None = None):
     h, w = image.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     x = torch.nn.functional.pad(image[None], (0, pw, 0, ph), mode="reflect") if ph or pw else image[None]
-    tile, overlap, (H, W) = s["tile"], s["overlap"], x.shape[-2:]
-    if H <= tile and W <= tile:
-        return sample(model, x, task_id, schedule, s["seed"])[0, :, :h, :w]
-    if H < tile or W < tile:
-        raise ValueError(f"image {h}x{w} is smaller than the tile {tile} in one dimension")
-    boxes = [(y, xx) for y in _tile_starts(H, tile, overlap) for xx in _tile_starts(W, tile, overlap)]
-    crops = torch.cat([x[:, :, y:y + tile, xx:xx + tile] for y, xx in boxes])
-    ds, lt, vae = s["downsample"], tile // s["downsample"], model[3]
+    (tile, overlap), (H, W) = restore_tiling(s, fast), x.shape[-2:]
+    th, tw = min(tile, H), min(tile, W)
+    boxes = [(y, xx) for y in _tile_starts(H, th, overlap) for xx in _tile_starts(W, tw, overlap)]
+    if len(boxes) == 1:
+        out = sample(model, x, task_id, schedule, s["seed"])
+        if progress:
+            progress(1, 1)
+        return out[0, :, :h, :w]
+    ds, vae = s["downsample"], model[3]
     field = torch.randn(1, vae.config.latent_channels if vae is not None else 3, H // ds, W // ds,
                         generator=torch.Generator().manual_seed(s["seed"]))
-    noise = torch.cat([field[:, :, y // ds:y // ds + lt, xx // ds:xx // ds + lt] for y, xx in boxes])
-    outs = torch.cat([sample(model, crops[i:i + 64], task_id, schedule, s["seed"], noise[i:i + 64])
-                      for i in range(0, len(crops), 64)])
-    acc, norm, weight = torch.zeros_like(x), torch.zeros(1, 1, H, W), _ramp(tile, overlap)
-    for k, (y, xx) in enumerate(boxes):
-        acc[:, :, y:y + tile, xx:xx + tile] += outs[k] * weight
-        norm[:, :, y:y + tile, xx:xx + tile] += weight
+    weight = _ramp(th, overlap)[:, None] * _ramp(tw, overlap)[None, :]
+    acc, norm = torch.zeros_like(x), torch.zeros(H, W)
+    for y, xx in boxes:
+        norm[y:y + th, xx:xx + tw] += weight
+    if progress:
+        progress(0, len(boxes))
+    for start in range(0, len(boxes), BATCH):
+        chunk = boxes[start:start + BATCH]
+        crops = torch.cat([x[:, :, y:y + th, xx:xx + tw] for y, xx in chunk])
+        noise = torch.cat([field[:, :, y // ds:(y + th) // ds, xx // ds:(xx + tw) // ds] for y, xx in chunk])
+        for (y, xx), out in zip(chunk, sample(model, crops, task_id, schedule, s["seed"], noise)):
+            acc[0, :, y:y + th, xx:xx + tw] += out * weight
+        if progress:
+            progress(start + len(chunk), len(boxes))
     return (acc / norm)[0, :, :h, :w]
+
+
+def read_image(path: str, min_size: int = MIN_SIZE) -> torch.Tensor:
+    """An RGB image file -> (3, H, W) in [0, 1], upright by its EXIF orientation; RestoreError if unusable."""
+    p = Path(path)
+    if not p.is_file():
+        raise RestoreError(f"{path}: {'no such file' if not p.exists() else 'not a file'}")
+    if p.stat().st_size == 0:
+        raise RestoreError(f"{path}: empty file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+            pixels = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+    except Image.UnidentifiedImageError:
+        raise RestoreError(f"{path}: unreadable (not an image file PIL knows)") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of saying "corrupt" or "truncated"
+        raise RestoreError(f"{path}: unreadable ({type(err).__name__}: {' '.join(str(err).split())})") from None
+    if has_alpha and pixels[..., 3].min() < 1:
+        raise RestoreError(f"{path}: alpha channel has transparent pixels (flatten the image onto a background "
+                           "first)")
+    rgb = pixels[..., :3]
+    if min(rgb.shape[:2]) < min_size:
+        raise RestoreError(f"{path}: size {rgb.shape[0]}x{rgb.shape[1]} is smaller than min_size={min_size}")
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def check_output(path: str, source: str | None) -> None:
+    """RestoreError unless `path` has a suffix this script writes, is not a folder nor a read-only file, and
+    is not the file `source` (also through a link or another spelling)."""
+    p = Path(path)
+    if p.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise RestoreError(f"{path}: cannot write {p.suffix or 'a file without a suffix'!r}; the output must "
+                           f"end in one of {', '.join(OUTPUT_SUFFIXES)}")
+    if p.is_dir() or not p.absolute().parent.is_dir():
+        raise RestoreError(f"{path}: {'is a folder' if p.is_dir() else 'its folder does not exist'}")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise RestoreError(f"{path}: is read-only")
+    if source is not None and p.exists() and os.path.samefile(source, p):
+        raise RestoreError(f"{path}: is the input {source} itself; give another output, or --overwrite to "
+                           "replace it")
+
+
+@contextmanager
+def replaced_whole(path: str):
+    """A binary file that takes `path`'s place (through a link: the file it names) only once written in full."""
+    target = Path(os.path.realpath(path))
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")
+    try:
+        with open(partial, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_output(image, path: str) -> None:
+    """(3, H, W) in [0, 1] -> 8-bit image file, or float32 (H, W, 3) for .npy; whole or not at all."""
+    array = image.permute(1, 2, 0).float().cpu().numpy()
+    try:
+        with replaced_whole(path) as f:
+            if path.lower().endswith(".npy"):
+                np.save(f, array)
+            else:
+                Image.init()
+                Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(
+                    f, format=Image.registered_extensions()[Path(path).suffix.lower()])
+    except OSError as err:
+        raise RestoreError(f"{path}: not written ({err.strerror or err}); a file already there is unchanged") from err
+
+
+def check_request(budget: int | None, task: str, manifest: dict, schedules: dict) -> None:
+    """RestoreError unless the export has a schedule for `budget` (None: its default) and knows `task`."""
+    if budget is not None and budget not in schedules:
+        raise RestoreError(f"--budget {budget}: schedules.json has budgets {sorted(schedules)}")
+    if task not in manifest["tasks"]:
+        raise RestoreError(f"--task {task!r} is not one of {manifest['tasks']}")
 
 
 def main(argv=None) -> int:
@@ -168,17 +298,29 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=str(Path(__file__).resolve().parent), help="export folder (default: here)")
     p.add_argument("--task", required=True)
     p.add_argument("--budget", type=int, help="steps; a key of schedules.json (default: manifest default_budget)")
+    p.add_argument("--overwrite", action="store_true", help="allow the output to be the input file itself")
+    p.add_argument("--fast", action="store_true", help="fewer, less overlapping tiles: faster on large images, "
+                                                       "a little lower quality (the test-set figures are without)")
     p.add_argument("input")
-    p.add_argument("output", help=".png (8-bit) or .npy (float32 H×W×3 in [0, 1])")
+    p.add_argument("output", help="an 8-bit image (.png, .jpg, ...) or .npy (float32 H×W×3 in [0, 1])")
     args = p.parse_args(argv)
-    model = load_model(Path(args.model))
-    rgb = np.asarray(Image.open(args.input).convert("RGB"), dtype=np.float32) / 255.0
-    out = restore(model, torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), args.task, args.budget)
-    array = out.permute(1, 2, 0).float().cpu().numpy()
-    if args.output.endswith(".npy"):
-        np.save(args.output, array)
-    else:
-        Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(args.output)
+    try:
+        check_request(args.budget, args.task, *read_settings(Path(args.model)))
+        image = read_image(args.input)
+        check_output(args.output, None if args.overwrite else args.input)
+        model = load_model(Path(args.model))
+        from tqdm import tqdm  # installed with diffusers (huggingface_hub)
+
+        with tqdm(desc="restore", unit="tile", file=sys.stderr) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            out = restore(model, image, args.task, args.budget, progress, args.fast)
+        write_output(out, args.output)
+    except RestoreError as err:
+        print(f"restore.py: {err}", file=sys.stderr)
+        return 2
     print(f"restored {args.input} ({args.task}) -> {args.output}")
     return 0
 

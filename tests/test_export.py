@@ -173,7 +173,9 @@ def test_tampered_file_is_refused_naming_it(lora_run, tmp_path, capsys):
     weights.write_bytes(bytes(data))
     with pytest.raises(ExportError, match="diffusion_pytorch_model.safetensors: sha256 does not match"):
         load_export(out)
-    assert main(["restore", "--model", str(out), "--task", "sr", "in.png", "out.png"]) == 2
+    save_image(torch.rand(3, 20, 24), tmp_path / "in.png")  # a good image: only the export is at fault
+    assert main(["restore", "--model", str(out), "--task", "sr", str(tmp_path / "in.png"),
+                 str(tmp_path / "out.png")]) == 2
     assert "diffusion_pytorch_model.safetensors" in capsys.readouterr().err
 
 
@@ -222,7 +224,9 @@ def test_unlisted_file_is_refused_naming_it(lora_run, tmp_path, capsys, rel):
     (out / rel).write_bytes(b"not listed")
     with pytest.raises(ExportError, match=f"{rel}: not listed in manifest.json"):
         verify_export(out)
-    assert main(["restore", "--model", str(out), "--task", "sr", "in.png", "out.png"]) == 2
+    save_image(torch.rand(3, 20, 24), tmp_path / "in.png")  # a good image: only the export is at fault
+    assert main(["restore", "--model", str(out), "--task", "sr", str(tmp_path / "in.png"),
+                 str(tmp_path / "out.png")]) == 2
     err = capsys.readouterr().err
     assert rel in err and err.count("\n") == 1
 
@@ -275,7 +279,9 @@ def test_pickled_weights_are_never_loaded(lora_run, tmp_path, capsys):
     verify_export(out)  # the checksums match: they say nothing about who wrote the files
     with pytest.raises(ExportError, match="transformer: .*safetensors"):
         load_export(out)
-    assert main(["restore", "--model", str(out), "--task", "sr", "in.png", "out.png"]) == 2
+    save_image(torch.rand(3, 20, 24), tmp_path / "in.png")  # a good image: only the export is at fault
+    assert main(["restore", "--model", str(out), "--task", "sr", str(tmp_path / "in.png"),
+                 str(tmp_path / "out.png")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     proc = subprocess.run([sys.executable, str(out / "restore.py"), "--task", "sr", "in.png", "out.npy"],
                           capture_output=True, text=True, cwd=tmp_path)
