@@ -234,7 +234,8 @@ def run_trials(cfg: Config, shared: dict, stage_dir: Path, param_space: dict, sc
     # makes `--resume` exact); Tune warns about that frequency, which is intended here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
-    check_resources("stage 2", [("distill.trial_resources", cfg.distill.trial_resources, 1)])
+    check_resources("stage 2", [("distill.trial_resources", cfg.distill.trial_resources, 1)],
+                    autoscaling=cfg.ray.autoscaling)
     trainable = tune.with_resources(tune.with_parameters(distill_trial, shared=shared),
                                     tune.PlacementGroupFactory([dict(cfg.distill.trial_resources)]))
     path = (stage_dir / name).resolve()

@@ -47,7 +47,7 @@ def run_pretrain(cfg, show_progress: bool = True, resume: bool = True, on_metric
     `on_metrics(dict)`, if given, sees every metrics report of rank 0 (step, loss, steps_per_s, ...)."""
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
     check_resources("stage 0", [("pretrain.worker_resources", cfg.pretrain.worker_resources,
-                                 cfg.pretrain.num_workers)])
+                                 cfg.pretrain.num_workers)], autoscaling=cfg.ray.autoscaling)
     bar = None
     if show_progress:
         from tqdm import tqdm

@@ -176,7 +176,7 @@ class RLSystem:
         self.cfg = cfg
         config = cfg.model_dump(mode="json")
         rl = cfg.rl
-        check_resources("stage 1", rl_roles(cfg))
+        check_resources("stage 1", rl_roles(cfg), autoscaling=cfg.ray.autoscaling)
         self.slots = colocated_slots(cfg) if rl.colocate else None
         self.rollouts = [self._actor(RolloutActor, f"rollout-{i}", rl.rollout_resources, i, config, str(init_dir), i,
                                      threads_for(rl.rollout_resources)) for i in range(rl.num_rollout_actors)]

@@ -126,10 +126,11 @@ def host_rendezvous() -> tuple[str, int]:
 
 
 def check_resources(stage: str, roles: list[tuple[str, dict[str, float], int]],
-                    available: dict[str, float] | None = None) -> None:
+                    available: dict[str, float] | None = None, autoscaling: bool = False) -> None:
     """Refuse, naming the config keys and the numbers, a stage whose `roles` ((setting, resources per
     process, count)) cannot all be placed on the cluster (`ray.cluster_resources()` by default): Ray would
-    otherwise wait for them for ever."""
+    otherwise wait for them for ever. On an `autoscaling` cluster (`ray.autoscaling`), which adds nodes on
+    demand, the same message is a warning and the stage waits."""
     from fluxir.config import ConfigError
 
     available = ray.cluster_resources() if available is None else available
@@ -137,5 +138,9 @@ def check_resources(stage: str, roles: list[tuple[str, dict[str, float], int]],
         need = sum(res.get(resource, 0) * n for _, res, n in roles)
         if need > available.get(resource, 0) + 1e-9:
             parts = ", ".join(f"{key}={res.get(resource, 0):g} x {n}" for key, res, n in roles)
-            raise ConfigError(f"{stage} needs {need:g} {resource} ({parts}) but the Ray cluster has "
-                              f"{available.get(resource, 0):g}; lower those settings or add nodes")
+            message = (f"{stage} needs {need:g} {resource} ({parts}) but the Ray cluster has "
+                       f"{available.get(resource, 0):g}")
+            if not autoscaling:
+                raise ConfigError(f"{message}; lower those settings or add nodes (ray.autoscaling=true waits "
+                                  f"for an autoscaler to add them)")
+            log.warning("%s; waiting for the autoscaler to add nodes (ray.autoscaling)", message)

@@ -384,6 +384,9 @@ class RayConfig(Strict):
     # On (bound to 127.0.0.1): users watch runs there, and Ray Train's placement-group cleaner
     # polls the State API the dashboard serves (without it, it logs a warning every second).
     dashboard: bool = True
+    # The cluster adds nodes on demand (an autoscaler): a stage asking for more than it has now waits for
+    # them with a warning instead of being refused.
+    autoscaling: bool = False
 
 
 class WandbConfig(Strict):

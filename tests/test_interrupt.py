@@ -32,6 +32,11 @@ def test_resources_beyond_the_cluster_are_refused_with_the_numbers():
         check_resources("stage 1", roles, {"CPU": 4, "GPU": 1})
 
 
+def test_an_autoscaling_cluster_waits_with_a_warning(caplog):
+    check_resources("stage 0", [("pretrain.worker_resources", {"GPU": 1}, 8)], {"CPU": 8}, autoscaling=True)
+    assert "stage 0 needs 8 GPU" in caplog.text and "waiting for the autoscaler" in caplog.text
+
+
 @pytest.mark.slow  # starts Ray (~15 s); CI runs it (`make test-slow`)
 def test_an_impossible_request_fails_at_once(tmp_path):
     proc = _start("pretrain", SMOKE, f"output_dir={tmp_path}", "pretrain.num_workers=4", "ray.num_cpus=2")
