@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.learner import LearnerGroup, actor_options
 from actors.runtime import check_resources, init_ray, threads_for
 from actors.tracking import Tracker, rl_metrics
-from fluxir.files import replace_dir, write_error
+from fluxir.files import remove_incomplete, replace_dir, write_error
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +360,7 @@ def _set_rng_state(rng: dict) -> None:
 
 def load_latest(system: RLSystem, root: Path) -> dict | None:
     """Restore the learners from the latest complete checkpoint; its controller state, or None."""
-    for stale in root.glob(".tmp-iter_*"):
-        log.warning("removing incomplete checkpoint %s (a run was killed while saving)", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_incomplete(root, ".tmp-iter_*")
     done = _checkpoints(root)
     if not done:
         return None

@@ -30,7 +30,7 @@ from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch
 from ray.train.v2.api.callback import UserCallback
 
 from actors.runtime import host_rendezvous, threads_for, worker_env_vars
-from fluxir.files import replace_dir, write_error
+from fluxir.files import remove_incomplete, replace_dir, write_error
 
 log = logging.getLogger(__name__)
 
@@ -431,13 +431,6 @@ def _fit_off_the_main_thread(trainer):
     return outcome["result"]
 
 
-def _remove_incomplete(run_path: Path) -> None:
-    """Checkpoints a run did not finish saving (killed, or out of space) never carry a final name."""
-    for stale in sorted(run_path.glob(".tmp-checkpoint_*")):
-        log.warning("removing incomplete checkpoint %s (its run stopped while saving it)", stale)
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def run_training(
     recipe_path: str,
     config: dict,
@@ -471,7 +464,7 @@ def run_training(
     run_path = storage / name
     if not resume:
         _set_aside(run_path)
-    _remove_incomplete(run_path)
+    remove_incomplete(run_path, ".tmp-checkpoint_*")
     model_dir = run_path / "model"
     cfg = {
         "recipe_path": recipe_path,

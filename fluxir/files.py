@@ -48,6 +48,14 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def remove_incomplete(root: Path, pattern: str = ".tmp-*") -> None:
+    """Remove the folders under `root` a run did not finish saving (killed, or out of space): they never
+    carried their final name."""
+    for stale in sorted(Path(root).glob(pattern)):
+        log.warning("removing incomplete checkpoint %s (its run stopped while saving it)", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 # --- one writer per run folder ------------------------------------------------------------------
 
 _held: dict[Path, Path] = {}  # run folder -> its lock file, held by this process

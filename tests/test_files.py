@@ -92,3 +92,11 @@ def test_write_errors_say_no_space_and_where(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "free_bytes", lambda path: 10 << 30)
     err = write_error(target, PermissionError(errno.EACCES, "Permission denied"))
     assert f"could not write {target}: PermissionError" in str(err) and err.errno == errno.EACCES
+
+
+def test_incomplete_checkpoints_are_removed_and_complete_ones_kept(tmp_path, caplog):
+    for name in (".tmp-iter_00000004", "iter_00000002", ".tmp-checkpoint_00000006"):
+        (tmp_path / name).mkdir()
+    files.remove_incomplete(tmp_path, ".tmp-iter_*")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-checkpoint_00000006", "iter_00000002"]
+    assert "removing incomplete checkpoint" in caplog.text and ".tmp-iter_00000004" in caplog.text
