@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +20,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from fluxir.degradations import TASKS, degrade, task_id
-from fluxir.files import write_error
+from fluxir.files import replaced_whole, write_error
 
 log = logging.getLogger(__name__)
 
@@ -490,24 +489,6 @@ def check_output_path(path: str | Path, source: str | Path | None = None) -> Non
         raise ImageFileError(path, f"cannot be written: {folder} is not a writable folder")
     if source is not None and path.exists() and os.path.samefile(source, path):
         raise ImageFileError(path, f"is the input {source} itself; give another output, or --overwrite to replace it")
-
-
-@contextmanager
-def replaced_whole(path: Path):
-    """A binary file that takes `path`'s place only once written in full: it is written beside the target
-    (a link is followed to the file it names) and renamed over it; on any error it is removed and the target
-    is untouched."""
-    target = Path(os.path.realpath(path))
-    partial = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")
-    try:
-        with open(partial, "xb") as f:  # mode from the umask, as a plain open() would give
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def save_image(image: Tensor, path: str | Path) -> None:

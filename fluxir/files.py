@@ -1,4 +1,4 @@
-"""Writing a run's files so that nothing is lost: folders put in place whole or not at all, a write that
+"""Writing files so that nothing is lost: files and folders put in place whole or not at all, a write that
 failed for want of space said plainly, and one writer per run folder."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,24 @@ def write_error(path: Path, err: BaseException) -> OSError:
         return OSError(errno.ENOSPC, f"no space left on device while writing {path} "
                                      f"({free / 2**20:.1f} MiB free there; {type(err).__name__}: {err})")
     return OSError(getattr(err, "errno", None) or errno.EIO, f"could not write {path}: {type(err).__name__}: {err}")
+
+
+@contextmanager
+def replaced_whole(path: Path):
+    """A binary file that takes `path`'s place only once written in full: it is written beside the target
+    (a link is followed to the file it names) and renamed over it; on any error it is removed and the target
+    is untouched."""
+    target = Path(os.path.realpath(path))
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")
+    try:
+        with open(partial, "xb") as f:  # mode from the umask, as a plain open() would give
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from ipaddress import ip_address
 from pathlib import Path
 
 import psutil
@@ -95,7 +96,7 @@ class LocalHead:
         return list(found.values())
 
     def listeners(self) -> tuple[set[str], set[str]]:
-        """(this head's sockets listening on every interface (0.0.0.0 or ::), as "process title :port";
+        """(this head's sockets listening on every interface (an unspecified address), as "process title :port";
         the titles of its processes now), read from the kernel's socket table."""
         titles = {}
         for p in self.processes():
@@ -104,7 +105,7 @@ class LocalHead:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         wildcard = {f"{titles[c.pid]} :{c.laddr.port}" for c in psutil.net_connections(kind="inet")
-                    if c.status == psutil.CONN_LISTEN and c.laddr.ip in ("0.0.0.0", "::") and c.pid in titles}
+                    if c.status == psutil.CONN_LISTEN and ip_address(c.laddr.ip).is_unspecified and c.pid in titles}
         return wildcard, set(titles.values())
 
     def stop(self) -> list[int]:

@@ -152,17 +152,26 @@ def test_no_socket_listens_on_every_interface(cluster_smoke_run):
     assert cluster_smoke_run.open_to_all == set()
 
 
-def test_the_socket_reader_sees_a_socket_open_to_all():
-    import socket
+def test_the_socket_reader_sees_a_socket_open_to_all(monkeypatch):
+    """The reader behind the test above, on a socket table faked to hold one wildcard listener of ours
+    (no test opens one for real) beside a loopback one."""
+    import os
+    import shutil
+    from types import SimpleNamespace
 
     import psutil
 
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        assert any(c.laddr.ip == "0.0.0.0" and c.laddr.port == port and c.status == psutil.CONN_LISTEN
-                   for c in psutil.net_connections(kind="inet"))
+    from tests.ray_head import LocalHead
+
+    def listening(ip, port):
+        return SimpleNamespace(status=psutil.CONN_LISTEN, laddr=SimpleNamespace(ip=ip, port=port), pid=os.getpid())
+
+    monkeypatch.setattr(LocalHead, "processes", lambda self: [psutil.Process(os.getpid())])
+    monkeypatch.setattr(psutil, "net_connections", lambda kind: [listening("::", 4242), listening("127.0.0.1", 4343)])
+    head = LocalHead()  # never started: only its reader is used
+    shutil.rmtree(head.temp_dir)
+    wildcard, titles = head.listeners()
+    assert len(wildcard) == 1 and next(iter(wildcard)).endswith(" :4242") and len(titles) == 1
 
 
 def test_actors_are_named_in_the_dashboard(cluster_smoke_run):
