@@ -17,7 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.runtime import host_rendezvous, threads_for
-from actors.train import _import_deepspeed, check_precision, full_parameters, load_ds_config, weights_only_loads
+from actors.train import _import_deepspeed, full_parameters, load_ds_config, weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 def learner_ds_config(cfg, world: int) -> dict:
-    """rl.deepspeed with the RL batch, ZeRO stage and a constant learning rate."""
+    """rl.deepspeed (its ZeRO stage, precision, betas, clipping) with the RL batch and the constant `rl.lr`."""
     micro = max(1, -(-cfg.rl.batch_size // world))
-    return check_precision(load_ds_config(cfg.rl.deepspeed, {
+    return load_ds_config(cfg.rl.deepspeed, {
         "train_micro_batch_size_per_gpu": micro,
         "train_batch_size": micro * world,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": cfg.rl.zero_stage},
         "optimizer": {"params": {"lr": cfg.rl.lr}},
-    }), cfg.model.dtype, "rl.deepspeed")
+    })
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -72,9 +71,7 @@ class LearnerActor:
         import torch
 
         from fluxir.accel import place, training_attention
-        from fluxir.codec import build_codec
-        from fluxir.policy import load_policy
-        from fluxir.pretrain import token_channels
+        from fluxir.policy import load_trained
         from fluxir.rl import RLObjective
 
         if master == LOOPBACK:
@@ -88,8 +85,8 @@ class LearnerActor:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://{master}:{port}",
                                    rank=self.rank, world_size=self.world)
-        self.codec = build_codec(self.cfg)
-        policy = load_policy(self.init_dir, self.cfg, token_channels(self.codec)).train()
+        policy, self.codec = load_trained(self.init_dir, self.cfg)
+        policy.train()
         params = [p for p in policy.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=params, config=ds_config,
                                                dist_init_required=False)

@@ -6,39 +6,26 @@ import time
 
 from actors.runtime import check_resources, init_ray
 from actors.tracking import TRAIN_GAUGES, StageMetrics, Tracker
-from actors.train import check_precision, load_ds_config, run_training
+from actors.train import load_ds_config, run_training
+from fluxir.pretrain import per_rank_batch
 
 RECIPE = "fluxir.pretrain:FlowMatchingRecipe"
 
 
-def per_rank_batch(cfg) -> int:
-    workers = cfg.pretrain.num_workers
-    if cfg.data.batch_size % workers:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by pretrain.num_workers {workers}")
-    return cfg.data.batch_size // workers
-
-
 def deepspeed_config(cfg) -> dict:
-    """The JSON named by pretrain.deepspeed, with batch, ZeRO stage, optimizer and LR schedule from the config."""
+    """The JSON named by pretrain.deepspeed with the per-worker batch, lr, weight decay and the warm-up +
+    cosine schedule of `pretrain` (the JSON's own ZeRO stage, precision and optimizer betas stay)."""
     p = cfg.pretrain
     micro = per_rank_batch(cfg)
-    return check_precision(load_ds_config(p.deepspeed, {
+    return load_ds_config(p.deepspeed, {
         "train_micro_batch_size_per_gpu": micro,
         "train_batch_size": micro * p.num_workers,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": p.zero_stage},
         "optimizer": {"params": {"lr": p.lr, "weight_decay": p.weight_decay}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": p.steps, "warmup_num_steps": min(p.warmup_steps, p.steps - 1),
-            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.02, "warmup_type": "linear"}},
-    }), cfg.model.dtype, "pretrain.deepspeed")
-
-
-def recipe_config(cfg) -> dict:
-    """The config the workers rebuild the recipe from; the stream's batch is per rank."""
-    tree = cfg.model_dump(mode="json")
-    tree["data"]["batch_size"] = per_rank_batch(cfg)
-    return tree
+            "warmup_min_ratio": 0.0, "cos_min_ratio": p.min_lr_ratio, "warmup_type": "linear"}},
+    })
 
 
 def run_pretrain(cfg, show_progress: bool = True, resume: bool = True, on_metrics=None) -> dict:
@@ -71,7 +58,7 @@ def run_pretrain(cfg, show_progress: bool = True, resume: bool = True, on_metric
 
     start = time.perf_counter()
     try:
-        out = run_training(RECIPE, recipe_config(cfg), run_dir=str(cfg.run_dir), name="pretrain",
+        out = run_training(RECIPE, cfg.model_dump(mode="json"), run_dir=str(cfg.run_dir), name="pretrain",
                            steps=cfg.pretrain.steps, num_workers=cfg.pretrain.num_workers,
                            ds_config=deepspeed_config(cfg), checkpoint_every=cfg.pretrain.checkpoint_every,
                            keep_checkpoints=cfg.pretrain.keep_checkpoints, resume=resume,

@@ -50,20 +50,16 @@ class RolloutActor:
     def __init__(self, config: dict, init_dir: str, index: int, threads: int):
         import torch
 
-        from fluxir.accel import place
-        from fluxir.codec import build_codec
+        from fluxir.accel import module_device
         from fluxir.config import config_from_dict
-        from fluxir.policy import load_policy
-        from fluxir.pretrain import token_channels
+        from fluxir.policy import load_trained
 
         torch.set_num_threads(threads)
         self.cfg = config_from_dict(config)
         self.index = index
-        self.codec = build_codec(self.cfg)
-        self.policy = load_policy(init_dir, self.cfg, token_channels(self.codec))
-        # bf16 (model.dtype) on the GPU Ray assigned, a fraction of one when actors share it
-        self.device = place(self.policy, self.cfg.model.dtype)
-        place(self.codec, self.cfg.model.dtype, self.device)
+        # model.dtype on the GPU Ray assigned (a fraction of one when actors share it)
+        self.policy, self.codec = load_trained(init_dir, self.cfg, place_on_device=True)
+        self.device = module_device(self.policy)
         self.version = 0
 
     def ping(self) -> int:
@@ -79,24 +75,14 @@ class RolloutActor:
         return self.version
 
     def rollout(self, inputs: dict, first_index: int):
-        """Arrow record batch of K candidates per input (see fluxir.rollouts for the columns)."""
-        import torch
-
+        """Arrow record batch of K candidates per input: `fluxir.rollouts.ROLLOUT_COLUMNS`."""
         from fluxir.rl import kept_indices, rl_schedule, sample_candidates
-        from fluxir.rollouts import to_record_batch
+        from fluxir.rollouts import candidate_rows, to_record_batch
 
-        k = self.cfg.rl.candidates
         out = sample_candidates(self.policy, self.codec, inputs["lq"].to(self.device), inputs["task"].to(self.device),
                                 inputs["seed"], self.cfg)
-        n = len(inputs["seed"])
-        rep = lambda x: x.repeat_interleave(k, 0)  # noqa: E731
-        columns = {
-            "input": rep(torch.arange(first_index, first_index + n)), "task": rep(inputs["task"]),
-            "seed": rep(inputs["seed"]), "candidate": out["candidate"], "noise_seed": out["noise_seed"],
-            "version": torch.full((n * k,), self.version), "lq": rep(inputs["lq"]), "gt": rep(inputs["gt"]),
-            "final": out["final"], "states": out["states"], "log_probs": out["log_probs"],
-        }
-        return to_record_batch(columns, rl_schedule(self.cfg), kept_indices(self.cfg))
+        rows = candidate_rows(inputs, out, self.cfg.rl.candidates, self.version, first_index)
+        return to_record_batch(rows, rl_schedule(self.cfg), kept_indices(self.cfg))
 
 
 @ray.remote
@@ -121,17 +107,13 @@ class RewardWorker:
         return True
 
     def score(self, batch):
-        import torch
+        """`batch` with `fluxir.rollouts.SCORE_COLUMNS` appended."""
+        from fluxir.rl import score_columns
+        from fluxir.rollouts import REWARD_READS, check_columns, column_tensor, with_scores
 
-        from fluxir.rl import score
-        from fluxir.rollouts import column_tensor, with_scores
-
-        final, gt = column_tensor(batch, "final"), column_tensor(batch, "gt")
-        with torch.no_grad():
-            scores = score(final.to(self.device), gt.to(self.device), self.cfg.rl.reward, self.lpips)
-            scores = {k: v.cpu() for k, v in scores.items()}
-        scores.setdefault("lpips", torch.full_like(scores["reward"], float("nan")))
-        return with_scores(batch, scores)
+        check_columns(batch.schema.names, REWARD_READS, "reward worker")
+        final, gt = (column_tensor(batch, name) for name in REWARD_READS)
+        return with_scores(batch, score_columns(final, gt, self.cfg.rl.reward, self.lpips, self.device))
 
 
 def rl_roles(cfg) -> list[tuple[str, dict[str, float], int]]:
@@ -170,7 +152,8 @@ def colocated_slots(cfg, ready_timeout_s: float = 300):
 
 
 class RLSystem:
-    """Creates `rollout-i`, `reward-i` and the learner group; re-issues work lost with a dead actor."""
+    """Creates `rollout-i`, `reward-i` and the learner group; runs an iteration's shards through
+    `ShardTasks`, which issues work lost with a dead actor again."""
 
     def __init__(self, cfg, init_dir: str | Path):
         self.cfg = cfg
@@ -211,89 +194,34 @@ class RLSystem:
         self.weights_ref, self.version = ray.put(weights), version
         sent = [a.set_weights.remote(self.weights_ref) for a in self.rollouts]  # all at once
         for i, ref in enumerate(sent):
-            self._push_weights(i, ref)
+            self.push_weights(i, ref)
         return weights.num_bytes
 
-    def _push_weights(self, i: int, sent=None) -> None:
+    def push_weights(self, i: int, sent=None) -> None:
         """Make sure rollout-i holds the current weights (waiting out a restart)."""
-        self._until_back(f"rollout-{i}", lambda: self.rollouts[i].set_weights.remote(self.weights_ref), sent)
+        until_back(f"rollout-{i}", lambda: self.rollouts[i].set_weights.remote(self.weights_ref), sent)
 
-    def _recover_rollout(self, i: int) -> None:
+    def recover_rollout(self, i: int) -> None:
         """Wait for a restarted rollout actor, then give it the current weights."""
         self.restarts += 1
         log.warning("rollout-%d died; waiting for its restart and re-syncing weights v%d", i, self.version)
-        self._push_weights(i)
-
-    @staticmethod
-    def _until_back(name: str, call, first=None):
-        """ray.get(call()) retried while the actor restarts, for up to RESTART_WAIT_S; `first`: a ref already sent."""
-        deadline = time.monotonic() + RESTART_WAIT_S
-        ref = first
-        while True:
-            try:
-                return ray.get(ref if ref is not None else call(), timeout=RESTART_WAIT_S)
-            except (RayActorError, GetTimeoutError) as err:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not come back within {RESTART_WAIT_S:.0f} s: {err}") from err
-                ref = None
-                time.sleep(0.5)
+        self.push_weights(i)
 
     # --- one iteration's rollouts and rewards ----------------------------------------------------
     def rollout_and_score(self, inputs: dict, first_index: int, on_issued=None) -> tuple[list, dict]:
         """Scored record batches in input order, with timings (rollout_s until the last rollout is in,
         reward_s the scoring tail after it; scoring of early shards overlaps later rollouts) and
-        fault counters."""
-        bounds = np.array_split(np.arange(len(inputs["seed"])), len(self.rollouts))
-        shards = {i: ({k: v[b[0]:b[-1] + 1] for k, v in inputs.items()}, first_index + int(b[0]))
-                  for i, b in enumerate(bounds) if len(b)}
-        counters = {"reissued": 0, "stale": 0}
+        fault counters (`ShardTasks.counts`)."""
+        tasks = ShardTasks(self, inputs, first_index)
         t0 = time.perf_counter()
-        roll = {i: self.rollouts[i].rollout.remote(*shard) for i, shard in shards.items()}
-        scored = {i: self._score(i, roll[i]) for i in roll}
+        tasks.issue()
         if on_issued:
             on_issued(self)
-        for i in shards:
-            self._rollout_result(i, shards[i], roll, scored, counters)
+        for i in tasks:
+            tasks.wait_rollout(i)
         t1 = time.perf_counter()
-        results = [self._scored_result(i, roll, scored, counters) for i in shards]
-        return results, {**counters, "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
-
-    def _score(self, i: int, rollout_ref):
-        return self.rewards[i % len(self.rewards)].score.remote(rollout_ref)
-
-    def _rollout_result(self, i, shard, roll, scored, counters) -> None:
-        """Wait for shard i's rollout; re-issue it after a restart or when it is too stale."""
-        from fluxir.rollouts import column_tensor
-
-        for _ in range(self.cfg.rl.max_restarts + 2):
-            try:
-                batch = ray.get(roll[i])
-            except RayActorError:
-                self._recover_rollout(i)
-                counters["reissued"] += 1
-            else:
-                lag = self.version - int(column_tensor(batch, "version").min())
-                if lag <= self.cfg.rl.max_staleness:
-                    return
-                counters["stale"] += 1
-                log.warning("rollout-%d sampled with a policy %d version(s) old > rl.max_staleness; re-syncing",
-                            i, lag)
-                self._push_weights(i)
-            roll[i] = self.rollouts[i].rollout.remote(*shard)
-            scored[i] = self._score(i, roll[i])
-        raise RuntimeError(f"rollout-{i} failed {self.cfg.rl.max_restarts + 2} times on one shard")
-
-    def _scored_result(self, i, roll, scored, counters):
-        for _ in range(self.cfg.rl.max_restarts + 2):
-            try:
-                return ray.get(scored[i])
-            except RayActorError:
-                name = f"reward-{i % len(self.rewards)}"
-                log.warning("%s died; re-scoring shard %d", name, i)
-                self._until_back(name, self.rewards[i % len(self.rewards)].ping.remote)
-                counters["reissued"] += 1
-                scored[i] = self._score(i, roll[i])
-        raise RuntimeError(f"reward-{i % len(self.rewards)} failed {self.cfg.rl.max_restarts + 2} times on one shard")
+        results = [tasks.result(i) for i in tasks]
+        return results, {**tasks.counts, "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
 
     def shutdown(self) -> None:
         if self.learners is not None:
@@ -302,6 +230,97 @@ class RLSystem:
             ray.kill(actor, no_restart=True)
         if self.slots is not None:
             remove_placement_group(self.slots)
+
+
+class ShardTasks:
+    """One iteration's rollout and scoring tasks: the inputs split into one shard per rollout actor
+    (shard i on `rollout-i`, its record batch handed as an object ref to `reward-(i mod R)`).
+
+    `issue()` sends them all; `wait_rollout(i)` and `result(i)` wait for shard i's rollout and scored batch,
+    issuing the work again after its actor restarted or when the rollout's policy lags the current version
+    by more than `rl.max_staleness`, up to `rl.max_restarts + 2` attempts each. `counts` holds how many
+    tasks were issued again after a restart (reissued) and how many rollouts were too stale (stale).
+    """
+
+    def __init__(self, system: RLSystem, inputs: dict, first_index: int):
+        self.system = system
+        bounds = np.array_split(np.arange(len(inputs["seed"])), len(system.rollouts))
+        self.shards = {i: ({k: v[b[0]:b[-1] + 1] for k, v in inputs.items()}, first_index + int(b[0]))
+                       for i, b in enumerate(bounds) if len(b)}
+        self.attempts = system.cfg.rl.max_restarts + 2
+        self.counts = {"reissued": 0, "stale": 0}
+        self.rollouts, self.scores = {}, {}
+
+    def __iter__(self):
+        """The indices of the non-empty shards, in input order."""
+        return iter(self.shards)
+
+    def issue(self) -> None:
+        """Every shard's rollout, then every shard's scoring chained on it."""
+        self.rollouts = {i: self.system.rollouts[i].rollout.remote(*shard) for i, shard in self.shards.items()}
+        for i in self.rollouts:
+            self._score(i)
+
+    def wait_rollout(self, i: int) -> None:
+        """Wait for shard i's rollout; after a restart of its actor (re-synced first) or when it is too stale
+        (its actor re-synced), issue it and its scoring again."""
+        from fluxir.rollouts import column_tensor
+
+        system = self.system
+        for _ in range(self.attempts):
+            try:
+                batch = ray.get(self.rollouts[i])
+            except RayActorError:
+                system.recover_rollout(i)
+                self.counts["reissued"] += 1
+            else:
+                lag = system.version - int(column_tensor(batch, "version").min())
+                if lag <= system.cfg.rl.max_staleness:
+                    return
+                self.counts["stale"] += 1
+                log.warning("rollout-%d sampled with a policy %d version(s) old > rl.max_staleness; re-syncing",
+                            i, lag)
+                system.push_weights(i)
+            self.rollouts[i] = system.rollouts[i].rollout.remote(*self.shards[i])
+            self._score(i)
+        raise RuntimeError(f"rollout-{i} failed {self.attempts} times on one shard")
+
+    def result(self, i: int):
+        """Shard i's scored record batch; scored again once a reward worker that died with it is back."""
+        for _ in range(self.attempts):
+            try:
+                return ray.get(self.scores[i])
+            except RayActorError:
+                name = self._reward_name(i)
+                log.warning("%s died; re-scoring shard %d", name, i)
+                until_back(name, self._reward_worker(i).ping.remote)
+                self.counts["reissued"] += 1
+                self._score(i)
+        raise RuntimeError(f"{self._reward_name(i)} failed {self.attempts} times on one shard")
+
+    def _score(self, i: int) -> None:
+        """Shard i's scoring, chained on its rollout's object ref (no driver round trip)."""
+        self.scores[i] = self._reward_worker(i).score.remote(self.rollouts[i])
+
+    def _reward_worker(self, i: int):
+        return self.system.rewards[i % len(self.system.rewards)]
+
+    def _reward_name(self, i: int) -> str:
+        return f"reward-{i % len(self.system.rewards)}"
+
+
+def until_back(name: str, call, first=None):
+    """ray.get(call()) retried while the actor restarts, for up to RESTART_WAIT_S; `first`: a ref already sent."""
+    deadline = time.monotonic() + RESTART_WAIT_S
+    ref = first
+    while True:
+        try:
+            return ray.get(ref if ref is not None else call(), timeout=RESTART_WAIT_S)
+        except (RayActorError, GetTimeoutError) as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not come back within {RESTART_WAIT_S:.0f} s: {err}") from err
+            ref = None
+            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,11 +401,9 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
 
     `on_issued(system)` is called each iteration right after the rollouts were issued (fault tests).
     """
-    from fluxir.rl import check_rl_config
     from fluxir.rl import init_dir as default_init
     from fluxir.rl_loop import rl_stream
 
-    check_rl_config(cfg)
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
     stage_dir = cfg.run_dir / stage
     init_dir = Path(init_dir) if init_dir else default_init(cfg)
@@ -403,7 +420,7 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
         system.sync(state["version"])
         stream, metrics, tracker = rl_stream(cfg), rl_metrics(stage), Tracker(cfg, stage, stage_dir)
         bar = _progress(cfg, state["iteration"], stage) if show_progress else None
-        while state["iteration"] < cfg.rl.iterations and not _out_of_time(cfg, state):
+        while not _finished(cfg, state):
             record = _iteration(cfg, system, stream, state["iteration"], on_issued,
                                 stage_dir / "rollouts" if write_rollouts else None)
             state = {**state, "iteration": record["iteration"], "version": system.version,
@@ -431,15 +448,15 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
 
 
 def _iteration(cfg, system: RLSystem, stream, it: int, on_issued, rollout_dir: Path | None) -> dict:
-    """rollout → reward → update(s) → sync for data cursor `it`; the iteration's record."""
+    """Issue the rollouts → score them → learn (`rl.updates_per_rollout` updates) → sync the new weights, for
+    data cursor `it`; the iteration's record."""
     from fluxir.rl import REWARD_OBJECTIVES, learner_batch, reseeded
     from fluxir.rollouts import to_tensors, write_parquet
 
     t_iter = time.perf_counter()
     inputs = stream.batch(it)
-    if cfg.rl.objective not in REWARD_OBJECTIVES:  # fm, reward_backprop: the inputs alone, no rollouts
-        batches, faults, sel, batch = [], {}, {}, inputs
-    else:
+    batches, faults, sel, batch = [], {}, {}, inputs  # fm, reward_backprop: the inputs alone, no rollouts
+    if cfg.rl.objective in REWARD_OBJECTIVES:
         batches, faults = system.rollout_and_score(inputs, it * cfg.rl.batch_size, on_issued)
         batch, sel = learner_batch(to_tensors(batches), cfg)
     t_learn = time.perf_counter()
@@ -468,12 +485,15 @@ def _finish(cfg, system: RLSystem, stage: str, stage_dir: Path, state: dict) -> 
     return model_dir
 
 
-def _out_of_time(cfg, state: dict) -> bool:
-    return cfg.rl.max_seconds is not None and state["loop_seconds"] >= cfg.rl.max_seconds
+def _finished(cfg, state: dict) -> bool:
+    """`rl.iterations` done, or `rl.max_seconds` of loop wall-clock spent (either may be unset)."""
+    rl = cfg.rl
+    return ((rl.iterations is not None and state["iteration"] >= rl.iterations)
+            or (rl.max_seconds is not None and state["loop_seconds"] >= rl.max_seconds))
 
 
 def _progress(cfg, start: int, stage: str):
     from tqdm import tqdm
 
-    total = None if cfg.rl.max_seconds is not None and cfg.rl.iterations >= 10 ** 6 else cfg.rl.iterations
+    total = cfg.rl.iterations  # None (a time limit only): the bar counts without a total
     return tqdm(total=total, initial=start, desc=stage, unit="it", file=sys.stdout)

@@ -66,15 +66,6 @@ def load_ds_config(source: dict | str | os.PathLike, overrides: dict | None = No
     return config
 
 
-def check_precision(ds_config: dict, model_dtype: str, key: str) -> dict:
-    """Refuse a bf16 model (`model.dtype`) under a DeepSpeed JSON without bf16: the optimizer would then
-    step the bf16 weights themselves, with no fp32 master copy. Returns `ds_config`."""
-    if model_dtype == "bfloat16" and not ds_config.get("bf16", {}).get("enabled", False):
-        raise ValueError(f"model.dtype=bfloat16 needs a DeepSpeed JSON with bf16 enabled ({key} names one "
-                         f"without); use configs/deepspeed/zero2_bf16.json or zero3_bf16.json, or model.dtype=float32")
-    return ds_config
-
-
 # ---------------------------------------------------------------- worker side
 
 

@@ -11,7 +11,6 @@ already there instead of running them. Writes benchmarks/results/distill_compare
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, machine  # noqa: E402  (puts the repo on sys.path)
+from common import RESULTS, ROOT, config_parser, machine, write_result  # noqa: E402  (puts the repo on sys.path)
 
 from fluxir.config import load_config  # noqa: E402
 
@@ -83,9 +82,7 @@ def load_evals(path: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser = config_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reuse", action="store_true", help="read finished runs instead of running them again")
     args = parser.parse_args()
@@ -99,15 +96,14 @@ def main() -> int:
                            for k in cfg.distill.budgets for name in ("student", "teacher", "searched")
                            if (arm := (r["students"].get(k) if name == "student" else r[name])) and k in arm["nfe"]}
              for s, r in zip(args.seeds, runs)}
-    out = RESULTS / f"distill_compare_{cfg.name}.json"
-    out.write_text(json.dumps({"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
-                               "runs": [str(p.relative_to(ROOT)) for p in paths], "comparisons": rows,
-                               "means": means, "machine": machine()}, indent=1))
+    write_result(RESULTS / f"distill_compare_{cfg.name}.json",
+                 {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
+                  "runs": [str(p.relative_to(ROOT)) for p in paths], "comparisons": rows,
+                  "means": means, "machine": machine()})
     for r in rows:
         cells = [f"{m.upper()} {r[m]['mean']:+.4f} [{r[m]['lo']:+.4f}, {r[m]['hi']:+.4f}] {r[m]['verdict']} (seeds "
                  + ", ".join(f"{x:+.4f}" for x in r[m]["per_seed"]) + ")" for m in metrics if m in r]
         print(f"K={r['budget']} student minus {r['other']}: " + "; ".join(cells))
-    print(f"wrote {out}")
     return 0
 
 

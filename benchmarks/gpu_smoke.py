@@ -23,6 +23,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from common import FLUX1_DEV_TRANSFORMER, FLUX1_TEXT_TOKENS, FLUX1_VAE, RESULTS, ROOT, machine, write_result  # light: no torch
+
 RESOLUTIONS = (512, 1024)
 ROLLOUT_BATCHES = {512: (1, 4, 8, 16), 1024: (1, 4)}
 LEARNER_BATCHES = {512: (1, 2, 4), 1024: (1, 2)}
@@ -72,8 +74,6 @@ def default_dtype(dtype):
 
 
 def model_shapes(small: bool, depth: float) -> tuple[dict, dict]:
-    from common import FLUX1_DEV_TRANSFORMER, FLUX1_VAE
-
     if small:
         return ({**FLUX1_DEV_TRANSFORMER, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
                  "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 24,
@@ -189,7 +189,7 @@ class Runner:
                 record["error"] = str(err).splitlines()[0][:300]
         print(json.dumps(record), flush=True)
         self.records.append(record)
-        write_report(self.report, self.out)
+        write_result(self.out, self.report, indent=2, quiet=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -285,8 +285,6 @@ def learner_batch_of(cfg, codec, batch: int, px: int, device) -> dict:
 
 def learner_step(policy, objective, optimizer, cfg, codec, batch: int, px: int, device, checkpointing: bool,
                  repeats: int) -> dict:
-    import torch
-
     transformer = policy.transformer
     transformer.enable_gradient_checkpointing() if checkpointing else transformer.disable_gradient_checkpointing()
     data = learner_batch_of(cfg, codec, batch, px, device)
@@ -302,19 +300,9 @@ def learner_step(policy, objective, optimizer, cfg, codec, batch: int, px: int, 
     return {"step_s": round(s, 3), "samples_per_s": round(batch / s, 2), "loss": float(losses[-1])}
 
 
-def write_report(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
-
-
 def run(args, out: Path) -> dict:
     device = require_device(args.device, args.small)
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import FLUX1_TEXT_TOKENS, ROOT, machine
 
     from fluxir.accel import training_attention
     from fluxir.config import load_config
@@ -357,7 +345,6 @@ def run(args, out: Path) -> dict:
         runner.measure({"phase": "learner", "resolution": px, "batch": b, "gradient_checkpointing": ckpt},
                        lambda: learner_step(policy, objective, optimizer, cfg, codec, b, px, device, ckpt, repeats))
     report["total_s"] = round(time.perf_counter() - started, 1)
-    write_report(report, out)
     return report
 
 
@@ -381,10 +368,10 @@ def table(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "gpu_smoke.json"
+    out = Path(args.out) if args.out else RESULTS / "gpu_smoke.json"
     report = run(args, out)
+    write_result(out, report, indent=2)
     print(table(report))
-    print(f"wrote {out}")
     return 0
 
 

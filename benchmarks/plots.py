@@ -27,6 +27,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
 def psnr_vs_nfe(quality: dict, path: Path) -> Path:
     plt = _plt()
     tasks = list(quality["tasks"])
@@ -51,10 +58,7 @@ def psnr_vs_nfe(quality: dict, path: Path) -> Path:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     axes.flat[-1].legend(handles, labels, loc="center", fontsize=8)
     fig.suptitle("fluxir tiny: PSNR vs NFE per task on the frozen test set", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def rl_reward(history: list[dict], path: Path) -> Path:
@@ -70,10 +74,7 @@ def rl_reward(history: list[dict], path: Path) -> Path:
     b.plot(it, [h["gap"] for h in history])
     b.set(xlabel="RL iteration", ylabel="best − ODE reward")
     b.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def main(argv=None) -> int:

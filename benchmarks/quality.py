@@ -10,7 +10,6 @@ where the AlexNet weights exist locally. Writes benchmarks/results/quality.json 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS, machine  # noqa: E402  (benchmarks/common.py: puts the repo on sys.path)
+from common import command, config_parser, machine, write_result  # noqa: E402  (puts the repo on sys.path)
 from classical import RESTORERS, degradation_info  # noqa: E402
 from fluxir.config import load_config  # noqa: E402
 
@@ -67,7 +66,7 @@ def fluxir_scores(run_dir: Path, cfg, testset: dict, lpips_net) -> dict[str, dic
     from fluxir.codec import build_codec
     from fluxir.evaluate import evaluate
     from fluxir.policy import load_policy
-    from fluxir.pretrain import token_channels
+    from fluxir.codec import token_channels
 
     codec = build_codec(cfg)
     out = {}
@@ -112,11 +111,8 @@ def wins(result: dict, label: str, nfe: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("config", nargs="?", default="configs/tiny.yaml")
-    p.add_argument("overrides", nargs="*")
+    p = config_parser(__doc__, out="quality.json", config="configs/tiny.yaml")
     p.add_argument("--run", help="run folder (default: the config's run_dir)")
-    p.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = p.parse_args(argv)
     from fluxir.data import frozen_testset
     from fluxir.evaluate import lpips_or_reason
@@ -132,7 +128,7 @@ def main(argv=None) -> int:
 
     classical = classical_scores(testset, convention, lpips_net)
     result = {
-        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "machine": machine(),
+        "command": command(__file__), "machine": machine(),
         "convention": convention.describe(), "lpips": reason or "AlexNet (local weights)",
         "testset": {t: int(d["lq"].shape[0]) for t, d in testset.items()},
         "tasks": {t: {"lq": score(d["lq"], d["gt"], convention, lpips_net), "classical": classical[t]}
@@ -142,15 +138,14 @@ def main(argv=None) -> int:
     students = [label for label in result["fluxir"] if label.startswith("student")]
     result["student_wins_over_best_classical"] = {
         label: wins(result, label, next(iter(result["fluxir"][label]["schedules"]))) for label in students}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print(f"## PSNR (dB; {result['convention']})\n\n{table(result, 'psnr')}\n")
     print(f"## SSIM\n\n{table(result, 'ssim')}\n")
     if lpips_net is not None:
         print(f"## LPIPS (AlexNet, lower is better)\n\n{table(result, 'lpips')}\n")
     for label, won in result["student_wins_over_best_classical"].items():
         print(f"- {label} beats the best classical restorer in PSNR on {len(won)}/7 tasks: {', '.join(won)}")
-    print(f"\n{args.out} ({result['seconds']:.0f} s)")
+    print(f"\n{result['seconds']:.0f} s")
     return 0
 
 

@@ -17,7 +17,6 @@ interval of objective − control on each split, metric and NFE, with the per-se
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -26,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from common import RESULTS, machine  # noqa: E402  (puts the repo on sys.path)
+from common import command, config_parser, machine, write_result  # noqa: E402  (puts the repo on sys.path)
 from fluxir.config import config_from_dict, load_config  # noqa: E402
 
 # arm -> rl overrides. Objectives first, then the controls each is judged against.
@@ -149,16 +148,13 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--table":
         print(markdown(json.loads(open(sys.argv[2]).read())))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser = config_parser(__doc__, out="rl_compare.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget-s", type=float, default=45.0)
     parser.add_argument("--calibrate", type=int, default=3)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test", "heldout"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS / "rl_compare.json"))
     args = parser.parse_args()
     from fluxir.data import evaluation_set
     from fluxir.evaluate import lpips_or_reason
@@ -167,7 +163,7 @@ def main() -> int:
     base = load_config(args.config, args.overrides)
     sets = {split: evaluation_set(base, split) for split in args.splits}
     lpips_net, _ = lpips_or_reason(True)
-    result = {"command": "python benchmarks/rl_compare.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    result = {"command": command(__file__), "machine": machine(),
               "budget_s": args.budget_s, "threads": args.threads, "reward": base.rl.reward.model_dump(),
               "rl": {k: v for k, v in base.rl.model_dump().items() if k in ("candidates", "nfe", "rho", "batch_size",
                                                                             "lr", "updates_per_rollout")},
@@ -196,10 +192,9 @@ def main() -> int:
                              f"{mean_over_tasks(e, 'psnr', n):.2f}" for split, e in evals.items() for n in (1, 4)
                              if n in e["nfe"])
             print(f"seed {seed} {arm:14s} {time.perf_counter() - t0:5.0f} s  {line}", flush=True)
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump({**result, "summary": summarise(result["runs"], base.eval.nfe)}, f, indent=1)
-    print(f"written {args.out}")
+            # after every run, so that a crash keeps the runs before it
+            write_result(args.out, {**result, "summary": summarise(result["runs"], base.eval.nfe)}, quiet=True)
+    write_result(args.out, {**result, "summary": summarise(result["runs"], base.eval.nfe)})
     return 0
 
 

@@ -11,13 +11,11 @@ gap with its 95 % bootstrap interval over inputs. Writes benchmarks/results/rl_e
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
 
-from common import RESULTS, machine  # noqa: E402  (puts the repo on sys.path)
+from common import command, config_parser, machine, write_result  # noqa: E402  (puts the repo on sys.path)
 from fluxir.config import config_from_dict, load_config  # noqa: E402
 
 
@@ -25,30 +23,28 @@ def candidates_rewards(cfg, policy, codec, lpips, batches: int) -> torch.Tensor:
     """(inputs, K) rewards of every candidate on the first `batches` batches of stage 1's stream."""
     from fluxir import rl
     from fluxir.rl_loop import rl_stream
+    from fluxir.rollouts import candidate_rows
 
     stream, out = rl_stream(cfg), []
     for it in range(batches):
         inputs = stream.batch(it)
         cand = rl.sample_candidates(policy, codec, inputs["lq"], inputs["task"], inputs["seed"], cfg)
-        gt = inputs["gt"].repeat_interleave(cfg.rl.candidates, 0)
-        with torch.no_grad():
-            out.append(rl.score(cand["final"], gt, cfg.rl.reward, lpips)["reward"].view(-1, cfg.rl.candidates))
+        rows = candidate_rows(inputs, cand, cfg.rl.candidates, 0, it * cfg.rl.batch_size)
+        reward = rl.score_columns(rows["final"], rows["gt"], cfg.rl.reward, lpips)["reward"]
+        out.append(reward.view(-1, cfg.rl.candidates))
     return torch.cat(out).double()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser = config_parser(__doc__, out="rl_exploration.json")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--rho", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--out", default=str(RESULTS / "rl_exploration.json"))
     args = parser.parse_args()
     from fluxir.codec import build_codec
     from fluxir.metrics import load_lpips
     from fluxir.policy import load_policy
-    from fluxir.pretrain import token_channels
+    from fluxir.codec import token_channels
     from fluxir.rl import init_dir
     from fluxir.stats import bootstrap
 
@@ -71,12 +67,8 @@ def main() -> int:
             print(f"rho {rho:<4} K {k:<3} ODE {row['ode']:+.4f} explored {row['explored']:+.4f} best {row['best']:+.4f} "
                   f"gap {row['gap']:+.4f} [{row['gap_interval'][0]:+.4f}, {row['gap_interval'][1]:+.4f}] "
                   f"ODE best in {100 * row['ode_is_best']:.0f} %", flush=True)
-    result = {"command": "python benchmarks/rl_exploration.py " + " ".join(sys.argv[1:]), "machine": machine(),
-              "reward": base.rl.reward.model_dump(), "nfe": base.rl.nfe, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"written {args.out}")
+    write_result(args.out, {"command": command(__file__), "machine": machine(), "reward": base.rl.reward.model_dump(),
+                            "nfe": base.rl.nfe, "rows": rows})
     return 0
 
 

@@ -10,17 +10,14 @@ benchmarks/results/rl_throughput.json: trajectories/s and the mean iteration spl
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-from common import ROOT, machine  # noqa: E402  (benchmarks/common.py: puts the repo on sys.path)
-from fluxir.config import load_config  # noqa: E402
+from common import command, config_parser, machine, write_result  # noqa: E402  (puts the repo on sys.path)
+from fluxir.config import load_config, zero_stage  # noqa: E402
 
 SPLIT = ("rollout_s", "reward_s", "learn_s", "sync_s", "iteration_s")
 
@@ -58,31 +55,26 @@ def ray_system(cfg, iterations: int) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser = config_parser(__doc__, out="rl_throughput.json")
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/rl_throughput.json"))
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     single = summarise(single_process(cfg, args.iterations), args.warmup)
     ray_ = summarise(ray_system(cfg, args.iterations), args.warmup)
-    result = {"command": "python benchmarks/rl_throughput.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    result = {"command": command(__file__), "machine": machine(),
               "config": {"name": cfg.name, "batch_size": cfg.rl.batch_size, "candidates": cfg.rl.candidates,
                          "nfe": cfg.rl.nfe, "rollout_actors": cfg.rl.num_rollout_actors,
                          "reward_workers": cfg.rl.num_reward_workers, "learners": cfg.rl.num_learners,
-                         "zero_stage": cfg.rl.zero_stage, "updates_per_rollout": cfg.rl.updates_per_rollout},
+                         "zero_stage": zero_stage(cfg.rl.deepspeed), "updates_per_rollout": cfg.rl.updates_per_rollout},
               "single_process": single, "ray": ray_,
               "ray_over_single": ray_["trajectories_per_s"] / single["trajectories_per_s"]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result, indent=2)
     print(f"{'':16}{'traj/s':>9}" + "".join(f"{k:>13}" for k in SPLIT))
     for name in ("single_process", "ray"):
         r = result[name]
         print(f"{name:16}{r['trajectories_per_s']:9.1f}" + "".join(f"{r[k]:13.3f}" for k in SPLIT))
     print(f"ray / single = {result['ray_over_single']:.2f}; sync = {100 * ray_['sync_fraction']:.1f}% of an iteration")
-    print(f"written {args.out}")
     return 0
 
 

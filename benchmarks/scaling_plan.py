@@ -36,8 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import FLUX1_DEV_TRANSFORMER, FLUX1_TEXT_TOKENS, FLUX1_VAE, RESULTS, ROOT, machine  # noqa: E402
-from fluxir.config import LoraConfig, load_config  # noqa: E402
+from common import FLUX1_DEV_TRANSFORMER, FLUX1_TEXT_TOKENS, FLUX1_VAE, RESULTS, ROOT, machine, write_result  # noqa: E402
+from fluxir.config import LoraConfig, load_config, zero_stage  # noqa: E402
 from fluxir.metrics import compute_metrics  # noqa: E402
 from fluxir.policy import add_lora, widen_input  # noqa: E402
 
@@ -701,19 +701,20 @@ def print_config_check(counts: dict, meas: dict, cfg, path: str = CONFIG) -> dic
     px = cfg.data.crop
     m = meas.get(px) or measure(px)
     rows_per_input = rl.candidates if rl.objective == "grpo" else 1  # rsr trains one row per input
+    zero = zero_stage(rl.deepspeed, "rl.deepspeed")
     setting = {"config": path, "colocate": rl.colocate, "px": px, "k": rl.candidates, "nfe": rl.nfe,
-               "objective": rl.objective, "zero_stage": rl.zero_stage, "deepspeed": rl.deepspeed, "rank": rank,
+               "objective": rl.objective, "zero_stage": zero, "deepspeed": rl.deepspeed, "rank": rank,
                "checkpointing": cfg.model.gradient_checkpointing,
                "micro_batch": -(-rl.batch_size * rows_per_input // rl.num_learners),
                "inputs_per_actor": -(-rl.batch_size // rl.num_rollout_actors), "num_gpus": slot_gpu(cfg),
                "slots": [slot_resources(cfg, i) for i in range(rl.num_learners)] if rl.colocate else None}
-    mem = slot_memory(counts, m, rl.zero_stage, setting["micro_batch"], setting["inputs_per_actor"], rl.candidates,
+    mem = slot_memory(counts, m, zero, setting["micro_batch"], setting["inputs_per_actor"], rl.candidates,
                       rl.nfe, rank, cfg.model.gradient_checkpointing, rl.deepspeed)
     per_gpu = {gpu: {"capacity": capacity(gpu), "fits": mem["total"] <= capacity(gpu),
                      "headroom": capacity(gpu) - mem["total"]} for gpu in ASSUMPTIONS["gpu_gib"]}
     table(f"{path} as it is: one slot (px {px}, learner micro-batch {setting['micro_batch']}, "
           f"{setting['inputs_per_actor']} inputs per rollout actor, K={rl.candidates}, NFE={rl.nfe}, "
-          f"ZeRO-{rl.zero_stage}, r={rank})",
+          f"ZeRO-{zero}, r={rank})",
           ["GPU", "learner GiB", "rollout GiB", "reward GiB", "total GiB", "90 % of the card", "fits", "headroom"],
           [[gpu, mem["learner"], mem["rollout"], mem["reward"], mem["total"], v["capacity"],
             "yes" if v["fits"] else "no", v["headroom"]] for gpu, v in per_gpu.items()])
@@ -882,7 +883,6 @@ def main() -> None:
     measured = print_measured(counts, meas, smoke, tflops)
     seconds = time.perf_counter() - started
     print(f"\n{seconds:.1f} s; decode chunk {decode_chunk()}; assumptions: {json.dumps(ASSUMPTIONS)}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"command": ".venv/bin/python benchmarks/scaling_plan.py" + (" --no-smoke" if args.no_smoke else ""),
               "machine": machine(), "seconds": seconds,
               "assumptions": ASSUMPTIONS, "candidates": k, "plan_rank": PLAN_RANK, "decode_chunk": decode_chunk(),
@@ -891,7 +891,7 @@ def main() -> None:
                                    for r, v in meas.items()},
               "learner_gib": learner, "rollout": rollout, "colocated": coloc, "layout": layout,
               "config_check": config_check, "time": timing, "gpu_smoke": measured or "not measured"}
-    (RESULTS / "scaling_plan.json").write_text(json.dumps(result, indent=1, default=str))
+    write_result(RESULTS / "scaling_plan.json", result, default=str)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ benchmarks/results/schedule_precheck_<name>.json; `--table` prints docs/BENCHMAR
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
 import numpy as np
 
-from common import RESULTS, machine  # noqa: E402  (puts the repo on sys.path)
+from common import RESULTS, config_parser, machine, write_result  # noqa: E402  (puts the repo on sys.path)
 
 from fluxir.config import config_from_dict, load_config  # noqa: E402
 
@@ -30,16 +29,14 @@ ARMS = ("uniform", "shifted", "searched", "direct")
 
 def _seed_run(cfg, teacher_dir: str, budgets: list[int], curve: list[int], lpips_net) -> dict:
     from fluxir import distill as D, flow
-    from fluxir.codec import build_codec
-    from fluxir.policy import load_policy
-    from fluxir.pretrain import token_channels
+    from fluxir.policy import load_trained
+    from fluxir.seeds import Salt
 
     d = cfg.distill
-    codec = build_codec(cfg)
-    policy = load_policy(teacher_dir, cfg, token_channels(codec))
+    policy, codec = load_trained(teacher_dir, cfg)
     sets = {name: D.teacher_trajectories(policy, codec, D.calibration_inputs(cfg, size, salt), cfg, 1)
-            for name, size, salt in (("calibration", d.calibration_size, D.SALT_CALIBRATION),
-                                     ("validation", d.validation_size, D.SALT_VALIDATION))}
+            for name, size, salt in (("calibration", d.calibration_size, Salt.DISTILL_CALIBRATION),
+                                     ("validation", d.validation_size, Salt.DISTILL_VALIDATION))}
     val = sets["validation"]
     score = lambda schedule: D.validate(policy, codec, val, schedule, cfg.flow, lpips_net, per_image=True)  # noqa: E731
     out = {"tasks": val.task.tolist(), "curve": {}, "budgets": {}}
@@ -60,9 +57,7 @@ def _seed_run(cfg, teacher_dir: str, budgets: list[int], curve: list[int], lpips
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser = config_parser(__doc__)
     parser.add_argument("--teacher", help="policy folder (default: distill.teacher, else <run>/rl/model, ...)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budgets", type=int, nargs="+", default=[2, 3, 4])
@@ -75,7 +70,7 @@ def main() -> int:
     if not args.table:
         import torch
 
-        from actors.distill import teacher_dir
+        from fluxir.teacher import teacher_dir
         from fluxir.evaluate import lpips_or_reason
 
         torch.set_num_threads(2)
@@ -87,16 +82,15 @@ def main() -> int:
             cfg = config_from_dict({**base.model_dump(mode="json"), "seed": seed}, "precheck")
             seeds[str(seed)] = _seed_run(cfg, teacher, args.budgets, args.curve, lpips_net)
             print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
-        path.write_text(json.dumps({"config": args.config, "overrides": args.overrides, "teacher": teacher,
-                                    "metric": base.distill.metric, "search_grid": base.distill.search_grid,
-                                    "calibration_size": base.distill.calibration_size,
-                                    "validation_size": base.distill.validation_size, "seeds": seeds,
-                                    "seconds": time.perf_counter() - start, "machine": machine()}, indent=1))
-        print(f"wrote {path}")
+        write_result(path, {"config": args.config, "overrides": args.overrides, "teacher": teacher,
+                            "metric": base.distill.metric, "search_grid": base.distill.search_grid,
+                            "calibration_size": base.distill.calibration_size,
+                            "validation_size": base.distill.validation_size, "seeds": seeds,
+                            "seconds": time.perf_counter() - start, "machine": machine()})
     result = json.loads(path.read_text())
     if args.test:
         result["test"] = test_check(base, result)
-        path.write_text(json.dumps(result, indent=1))
+        write_result(path, result)
     print_tables(result)
     return 0
 
@@ -105,15 +99,12 @@ def test_check(cfg, result: dict) -> dict:
     """Per budget and seed: the teacher on that seed's searched schedule minus uniform on the frozen test
     set (paired, task-stratified intervals; the test set's own noise seed for both)."""
     from fluxir import distill as D
-    from fluxir.codec import build_codec
     from fluxir.data import evaluation_set
     from fluxir.evaluate import evaluate, lpips_or_reason
-    from fluxir.policy import load_policy
-    from fluxir.pretrain import token_channels
+    from fluxir.policy import load_trained
     from fluxir.stats import compare
 
-    codec = build_codec(cfg)
-    policy = load_policy(result["teacher"], cfg, token_channels(codec))
+    policy, codec = load_trained(result["teacher"], cfg)
     lpips_net = lpips_or_reason(cfg.eval.lpips)[0]
     testset = evaluation_set(cfg, "test")
     seeds = result["seeds"]

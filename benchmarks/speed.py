@@ -21,7 +21,6 @@ Writes benchmarks/results/speed.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, machine  # noqa: E402  (benchmarks/common.py: puts the repo on sys.path)
+from common import RESULTS, ROOT, command, config_parser, machine, write_result  # noqa: E402  (puts the repo on sys.path)
 from fluxir.config import load_config  # noqa: E402
 
 
@@ -59,7 +58,7 @@ def restore_speeds(run_dir: Path, cfg, testset: dict, repeats: int) -> dict[str,
     from fluxir.codec import build_codec
     from fluxir.evaluate import eval_schedule
     from fluxir.policy import load_policy
-    from fluxir.pretrain import token_channels
+    from fluxir.codec import token_channels
 
     codec = build_codec(cfg)
     out = {}
@@ -81,7 +80,8 @@ TILINGS = ["32/13", "32/9", "32/5", "32/3", "32/1", "24/5", "16/3", "48/17", "64
 def whole_photos(cfg, split: str) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     """(name, task, LQ, GT) for every whole photo of `split` ("val": the training photos, "test": the test
     photos) at the test scale, cut to a multiple of 4 px, 8-bit, each task's degradation at a fixed seed."""
-    from fluxir.data import bundled_images, mix_seed, quantise, training_images
+    from fluxir.data import bundled_images, quantise, training_images
+    from fluxir.seeds import mix_seed
     from fluxir.degradations import degrade, task_id
 
     scale = cfg.data.test_scale
@@ -163,11 +163,11 @@ def tiling_study(cfg, policy_dir: Path, labels: list[str], nfes: list[int], phot
     """Each tiling on the whole validation photos (means, bootstrap intervals against the evaluation's
     tiling) and on the 1024×768 photo (tiles, seconds); the evaluation's and the restore tiling once on
     the whole test photos."""
-    from fluxir.cli import _load_trained
     from fluxir.data import load_image
     from fluxir.evaluate import eval_tiling, fast_tiling, lpips_or_reason
+    from fluxir.policy import load_trained
 
-    policy, codec = _load_trained(cfg, policy_dir)
+    policy, codec = load_trained(policy_dir, cfg, place_on_device=True)
     lpips_net, _ = lpips_or_reason(cfg.eval.lpips)
     old, new = eval_tiling(cfg), fast_tiling(cfg, codec)
     photos, image, baseline = whole_photos(cfg, "val"), load_image(photo), {}
@@ -232,7 +232,7 @@ def restore_section(args, cfg, run_dir: Path) -> dict:
     rl = _read(RESULTS / "rl_throughput.json")
     sweep = _read(Path(args.sweep_run) / "sweep.json")
     result = {
-        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "machine": machine(),
+        "command": command(__file__), "machine": machine(),
         "restore": restore,
         "rl_iteration": ({"source": "benchmarks/results/rl_throughput.json", "ray": rl["ray"],
                           "single_process": rl["single_process"]} if rl else None),
@@ -256,9 +256,7 @@ def restore_section(args, cfg, run_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("config", nargs="?", default="configs/tiny.yaml")
-    p.add_argument("overrides", nargs="*")
+    p = config_parser(__doc__, out="speed.json", config="configs/tiny.yaml")
     p.add_argument("--run", help="run folder (default: the config's run_dir)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sweep-run", default="runs/tiny-gauss", help="run folder of a `fluxir sweep` (for its time)")
@@ -270,14 +268,13 @@ def main(argv=None) -> int:
     p.add_argument("--tiling-nfe", type=int, nargs="+", default=[1, 2])
     p.add_argument("--checkout", help="cli section: time this checkout's `fluxir restore` (stored apart)")
     p.add_argument("--fast", action="store_true", help="cli section: time `fluxir restore --fast`")
-    p.add_argument("--out", default=str(RESULTS / "speed.json"))
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run) if args.run else cfg.run_dir
     policy_dir = Path(args.policy) if args.policy else run_dir / "rl" / "model"
     torch.set_num_threads(machine()["cpus"])
     result = _read(Path(args.out)) or {}
-    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
+    line = command(__file__)
     photo = timing_photo(Path(tempfile.gettempdir()))
     if "restore" in args.only:
         result.update(restore_section(args, cfg, run_dir))
@@ -285,18 +282,17 @@ def main(argv=None) -> int:
         from fluxir.config import Config
 
         policy_cfg = Config.model_validate(json.loads((policy_dir / "policy.json").read_text())["config"])
-        result["restore_tiling"] = {"command": command, "date": time.strftime("%Y-%m-%d"),
+        result["restore_tiling"] = {"command": line, "date": time.strftime("%Y-%m-%d"),
                                     **tiling_study(policy_cfg, policy_dir, args.tilings, args.tiling_nfe, photo)}
     if "cli" in args.only:
         cwd = Path(args.checkout).resolve() if args.checkout else ROOT
         key = "restore_cli_checkout" if args.checkout else "restore_cli_fast" if args.fast else "restore_cli"
         export_dir = (Path(args.export) if args.export else run_dir / "export").resolve()
-        result[key] = {"command": command, "date": time.strftime("%Y-%m-%d"), "cwd": str(cwd),
+        result[key] = {"command": line, "date": time.strftime("%Y-%m-%d"), "cwd": str(cwd),
                        "commit": _commit(cwd), "photo": "the left motorcycle view resized to 1024x768 (timing_photo)",
                        **cli_timings(policy_dir.resolve(), export_dir, photo, args.repeats, cwd,
                                      ("--fast",) if args.fast else ())}
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(args.out)
+    write_result(args.out, result)
     return 0
 
 

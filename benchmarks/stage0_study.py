@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, ROOT, machine  # noqa: E402  (puts the repo on sys.path)
+from common import RESULTS, ROOT, machine, write_result  # noqa: E402  (puts the repo on sys.path)
 
 NFES = (1, 2, 4, 8, 20)
 RAW_NFES = (1, 4)  # the last raw weights against their average: two points of the curve suffice
@@ -106,7 +106,7 @@ def main() -> int:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {VARIANTS[name] + args.extra}", flush=True)
         results["variants"][name] = run_variant(args.config, name, VARIANTS[name] + args.extra, args.raw)
-        OUT.write_text(json.dumps(results, indent=1))
+        write_result(OUT, results)
         print(table({"variants": {name: results["variants"][name]}}), flush=True)
     print(table(results))
     return 0

@@ -11,7 +11,6 @@ windows after the first). Writes benchmarks/results/stage0_throughput.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -20,7 +19,7 @@ import time
 
 import torch
 
-from common import RESULTS, ROOT, machine  # noqa: E402  (puts the repo on sys.path)
+from common import RESULTS, ROOT, config_parser, machine, write_result  # noqa: E402  (puts the repo on sys.path)
 from fluxir.config import load_config  # noqa: E402
 
 
@@ -71,9 +70,7 @@ def ray_train(cfg, workers: int, cpus: float, steps: int, warmup: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="configs/tiny.yaml")
-    parser.add_argument("overrides", nargs="*")
+    parser = config_parser(__doc__, config="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=50)
     args = parser.parse_args()
@@ -95,8 +92,7 @@ def main() -> int:
     out = {"config": args.config, "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup,
            "single_process": reference, "ray_train": rows, "machine": machine(),
            "date": time.strftime("%Y-%m-%d")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "stage0_throughput.json").write_text(json.dumps(out, indent=1))
+    write_result(RESULTS / "stage0_throughput.json", out)
     return 0
 
 

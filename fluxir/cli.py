@@ -5,10 +5,9 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
-from fluxir.config import Config, ConfigError, dump_config, load_config
+from fluxir.config import Config, ConfigError, load_config, stored_config
 from fluxir.data import WRITE_SUFFIXES, ImageFileError
 from fluxir.export import ExportError
 from fluxir.files import RunFolderBusy
@@ -38,57 +37,27 @@ def _policy_dir(cfg: Config, given: str | None) -> Path:
     return Path(given) if given else cfg.run_dir / "pretrain" / "model"
 
 
-def _load_trained(cfg: Config, policy_dir: Path):
-    from fluxir.accel import place
-    from fluxir.codec import build_codec
-    from fluxir.policy import load_policy
-    from fluxir.pretrain import token_channels
+def _pipeline():
+    """The Ray layer's stage functions (actors/pipeline.py), imported only by the commands that train."""
+    from actors import pipeline
 
-    codec = build_codec(cfg)
-    policy = load_policy(policy_dir, cfg, token_channels(codec))
-    device = place(policy, cfg.model.dtype)  # a GPU when this process has one (e.g. `submit --entrypoint-gpus`)
-    place(codec, cfg.model.dtype, device)
-    return policy, codec
-
-
-def _testset(cfg: Config, split: str = "test") -> dict:
-    from fluxir.data import evaluation_set
-
-    return evaluation_set(cfg, split)
+    return pipeline
 
 
 def cmd_pretrain(args) -> int:
     cfg = _writer_config(args)
-    from actors.pretrain import run_pretrain
-
-    out = run_pretrain(cfg)
+    out = _pipeline().pretrain_stage(cfg)
     print(f"pretrained policy: {out['model_dir']} ({out['seconds']:.0f} s)")
     return 0
 
 
-def _evaluate(cfg: Config, policy_dir: Path, nfes, keep_images: bool, schedules: dict | None = None,
-              split: str = "test"):
-    from tqdm import tqdm
-
-    from fluxir.evaluate import evaluate, lpips_or_reason
-
-    policy, codec = _load_trained(cfg, policy_dir)
-    testset = _testset(cfg, split)
-    lpips_net, reason = lpips_or_reason(cfg.eval.lpips)
-    nfes = list(schedules) if schedules else (nfes or cfg.eval.nfe)
-    with tqdm(total=len(testset) * len(nfes), desc="eval", unit="task·nfe", file=sys.stdout) as bar:
-        result = evaluate(policy, codec, testset, cfg, nfes, lpips_net, keep_images=keep_images,
-                          progress=lambda *_: bar.update(), schedules=schedules)
-    result["lpips_reason"] = reason
-    return result, testset
-
-
 def cmd_eval(args) -> int:
+    from fluxir.evaluate import evaluate_folder
     from fluxir.report import eval_section, write_json
 
     cfg = _config(args)
     policy_dir = _policy_dir(cfg, args.policy)
-    result, _ = _evaluate(cfg, policy_dir, args.nfe, keep_images=False, split=args.split)
+    result, _ = evaluate_folder(cfg, policy_dir, args.nfe, split=args.split)
     command = _command(args, "eval", *(["--nfe", *map(str, args.nfe)] if args.nfe else []),
                        *(["--split", args.split] if args.split != "test" else []))
     print(eval_section(f"Evaluation of {policy_dir} on the {SPLIT_NAMES[args.split]}", result, command))
@@ -132,10 +101,12 @@ def _restore_target(args):
             raise ConfigError(f"--nfe {k}: {args.model}/schedules.json has budgets {sorted(schedules)}")
         return policy, codec, cfg, schedules[k]
     from fluxir.evaluate import eval_schedule
+    from fluxir.policy import load_trained
 
-    card = json.loads((Path(args.policy) / "policy.json").read_text())
-    cfg = Config.model_validate(card["config"]) if args.config is None else load_config(args.config)
-    policy, codec = _load_trained(cfg, Path(args.policy))
+    policy_json = Path(args.policy) / "policy.json"
+    card = json.loads(policy_json.read_text())
+    cfg = stored_config(card["config"], str(policy_json)) if args.config is None else load_config(args.config)
+    policy, codec = load_trained(Path(args.policy), cfg, place_on_device=True)
     return policy, codec, cfg, eval_schedule(cfg, 1 if args.nfe is None else args.nfe)
 
 
@@ -163,55 +134,19 @@ def cmd_restore(args) -> int:
     return 0
 
 
-def _export(run_dir: Path, out_dir: Path, policy_dir: Path | None = None, budget: int | None = None) -> Path:
-    """Export `policy_dir`, or the run's distilled student for `budget`, or by default stage 2's choice
-    (the fewest steps within the teacher's validation quality), else the run's last stage."""
-    from fluxir.export import export_policy, export_source, policy_schedules, recorded_metrics, stage2_choice
-
-    choice = stage2_choice(run_dir) if policy_dir is None and budget is None else None
-    policy_dir = policy_dir or (choice["policy_dir"] if choice else export_source(run_dir, budget))
-    card = json.loads((policy_dir / "policy.json").read_text())
-    cfg = Config.model_validate(card["config"])
-    policy, codec = _load_trained(cfg, policy_dir)
-    if choice:
-        schedules, metrics = {choice["budget"]: choice["schedule"]}, {choice["budget"]: choice.get("test", {})}
-    else:
-        schedules = policy_schedules(card, cfg)
-        metrics = recorded_metrics(run_dir, policy_dir, card, schedules)
-    source = {"run_dir": str(run_dir.resolve()), "policy_dir": str(policy_dir.resolve()), "stage": card.get("stage"),
-              **{k: card[k] for k in ("budget", "schedule_kind", "step", "version") if k in card},
-              **({"choice": choice["name"], "choice_metric": choice["metric"]} if choice else {})}
-    return export_policy(policy, codec, cfg, out_dir, schedules, source, metrics, in_place=True)
-
-
-def _print_export(out: Path) -> Path:
-    manifest = json.loads((out / "manifest.json").read_text())
-    print(f"exported {manifest['source']['policy_dir']} -> {out} (budgets {sorted(manifest['budgets'], key=int)}; "
-          f"sha256 of every file in {out / 'manifest.json'})")
-    return out
-
-
-def _replace_export(run_dir: Path) -> Path:
-    """`<run>/export`, rewritten: the new export is complete before the old one is removed."""
-    import shutil
-
-    target, fresh = run_dir / "export", run_dir / "export.new"
-    shutil.rmtree(fresh, ignore_errors=True)
-    _export(run_dir, fresh)
-    if target.exists():
-        shutil.rmtree(target)
-    return _print_export(fresh.rename(target))
-
-
 def cmd_export(args) -> int:
-    _print_export(_export(Path(args.run_dir), Path(args.out_dir), Path(args.policy) if args.policy else None,
-                          args.budget))
+    from fluxir.export import export_run, export_summary
+
+    print(export_summary(export_run(Path(args.run_dir), Path(args.out_dir), Path(args.policy) if args.policy else None,
+                                    args.budget)))
     return 0
 
 
 def cmd_testset(args) -> int:
+    from fluxir.data import evaluation_set
+
     cfg = _config(args)
-    testset = _testset(cfg)
+    testset = evaluation_set(cfg, "test")
     print(f"test set at {cfg.testset_dir}: " + ", ".join(f"{t} {v['lq'].shape[0]}" for t, v in testset.items()))
     return 0
 
@@ -227,97 +162,9 @@ def cmd_weights(args) -> int:
     return 0
 
 
-def _stage1(cfg: Config, command: str, base_eval: dict | None = None) -> tuple[str, dict]:
-    """Run stage 1 (with its controls when rl.controls) and evaluate every policy against the base.
-
-    Returns (report section, evals); evals["rl"] keeps its restored images (for the grids).
-    """
-    from actors.stages import run_rl_stage
-    from fluxir.report import rl_section, write_gap_plot, write_json
-    from fluxir.rl import init_dir
-
-    runs = run_rl_stage(cfg)
-    evals = {"base": base_eval or _evaluate(cfg, init_dir(cfg), None, keep_images=False)[0]}
-    for stage, run in runs.items():
-        evals[stage] = _evaluate(cfg, Path(run["model_dir"]), None, keep_images=stage == "rl")[0]
-    plot = write_gap_plot(cfg.run_dir / "rl_gap.png", {s: r["history"] for s, r in runs.items()})
-    slim = {k: {key: v for key, v in e.items() if key != "images"} for k, e in evals.items()}
-    write_json(cfg.run_dir / "rl_eval.json", {"evals": slim, "runs": {s: {k: v for k, v in r.items() if k != "history"}
-                                                                      for s, r in runs.items()}})
-    return rl_section(slim, runs, command, plot.name), evals
-
-
-def _evaluate_reusing(cfg: Config, policy_dir: Path, schedules: dict[int, list[float]], known: dict | None) -> dict:
-    """`policy_dir` on `schedules` ({nfe: times}); NFEs that `known` (the same policy) already has on the
-    same times are taken from it instead of evaluated again."""
-    from fluxir.evaluate import merge_evals, select_nfes
-
-    have = [n for n, times in schedules.items() if known and n in known["nfe"] and known["schedules"][n] == times]
-    todo = {n: times for n, times in schedules.items() if n not in have}
-    parts = [select_nfes(known, have)] if have else []
-    if todo:
-        parts.append(_evaluate(cfg, policy_dir, None, False, todo)[0])
-    return merge_evals(*parts)
-
-
-def _stage2_evals(cfg: Config, out: dict, known: dict | None) -> dict:
-    """Stage 2 on the test set: the teacher's uniform curve (and its own N-step schedule), the teacher on
-    the shifted and searched schedules without distillation, each budget's best student and its controls.
-    `known`: an evaluation of the teacher policy to reuse (stage 1's)."""
-    from fluxir.flow import uniform_schedule
-
-    d, shared = cfg.distill, out["shared"]
-    teacher = Path(shared["teacher_dir"])
-    schedules = {n: uniform_schedule(n, cfg.flow.t_start) for n in sorted(set(d.curve_nfe) | set(d.budgets))}
-    schedules[d.teacher_nfe] = shared["validation"].schedule
-    curve = _evaluate_reusing(cfg, teacher, schedules, known)
-    evals = {"teacher": curve, **{kind: _evaluate_reusing(cfg, teacher, dict(shared["schedules"][kind]), curve)
-                                  for kind in ("shifted", "searched")}}
-    trained = lambda row: _evaluate(cfg, Path(row["model_dir"]), None, False,  # noqa: E731
-                                    {row["params"]["budget"]: row["schedule"]})[0]
-    evals["students"] = {k: trained(row) for k, row in out["best"].items()}
-    evals["controls"] = {k: {arm: trained(row) for arm, row in arms.items()} for k, arms in out["controls"].items()}
-    return evals
-
-
-def _stage2(cfg: Config, command: str, known_teacher_eval: dict | None = None,
-            resume: bool = False) -> tuple[str, dict]:
-    """Run stage 2 (per budget a student and its controls on Ray Tune) and evaluate it on the test set."""
-    from actors.distill import run_distill
-    from fluxir.report import distill_section, mean_metrics, write_json, write_pareto_plot
-
-    out = run_distill(cfg, resume=resume)
-    write_pareto_plot(cfg.run_dir / "distill_pareto.png", out["rows"], "stage 2: students' validation quality vs NFE")
-    evals = _stage2_evals(cfg, out, known_teacher_eval)
-    choice = out["choice"]
-    chosen = evals[choice["eval"]]
-    chosen = chosen[choice["budget"]] if choice["eval"] == "students" else chosen
-    choice["test"] = {m: v for m, v in mean_metrics(chosen, choice["budget"]).items() if m != "sec_per_image"}
-    write_json(Path(out["stage_dir"]) / "choice.json", choice)
-    write_json(cfg.run_dir / "distill.json", {"evals": evals, "schedules": out["shared"]["schedules"],
-                                              "searched": out["shared"]["searched"], "choice": choice,
-                                              "students": _rows_out(out["best"]),
-                                              "controls": {k: _rows_out(arms) for k, arms in out["controls"].items()}})
-    return distill_section(evals, out, cfg, command), evals
-
-
-def _rows_out(rows: dict) -> dict:
-    return {k: {key: v for key, v in row.items() if key != "checkpoint"} for k, row in rows.items()}
-
-
 def _command(args, verb: str, *extra: str) -> str:
     """The command line that reproduces this run, for the report."""
     return " ".join(["fluxir", verb, args.config, *args.overrides, *extra])
-
-
-def _publish(cfg: Config, stage: str, evals: dict[str, dict], images: dict[str, Path],
-             tables: dict[str, list[dict]] | None = None) -> None:
-    """A stage's final figures to wandb (offline by default): test-set means, plots and grids, tables."""
-    from actors.tracking import Tracker
-    from fluxir.report import summary_scalars
-
-    with Tracker(cfg, stage, cfg.run_dir / stage) as tracker:
-        tracker.publish(summary_scalars(evals), images, tables)
 
 
 def _write_stage_report(cfg: Config, section: str, name: str) -> int:
@@ -331,110 +178,30 @@ def _write_stage_report(cfg: Config, section: str, name: str) -> int:
 
 def cmd_distill(args) -> int:
     cfg = _writer_config(args)
-    section, _ = _stage2(cfg, _command(args, "distill"), resume=args.resume)
+    section, _ = _pipeline().distill_stage(cfg, _command(args, "distill"), resume=args.resume)
     return _write_stage_report(cfg, section, "distill_report.md")
 
 
 def cmd_sweep(args) -> int:
-    from actors.distill import run_sweep
     from fluxir.config import load_sweep
-    from fluxir.report import sweep_section, write_json, write_pareto_plot
 
     cfg = _writer_config(args)
     sweep = load_sweep(args.sweep or cfg.distill.sweep)
     command = _command(args, "sweep", *(["--sweep", args.sweep] if args.sweep else []))
-    start = time.perf_counter()
-    out = run_sweep(cfg, sweep, resume=args.resume)
-    out["seconds"], out["resumed"] = time.perf_counter() - start, args.resume
-    evals = _stage2_evals(cfg, out, None)
-    plot = write_pareto_plot(cfg.run_dir / "sweep_pareto.png", out["rows"])
-    section = sweep_section(out, evals, sweep, command, plot.name, cfg.distill.teacher_nfe)
-    write_json(cfg.run_dir / "sweep.json", {"rows": out["rows"], "evals": evals, "seconds": out["seconds"],
-                                            "trials": out["trials"], "errored": out["errored"]})
-    trials = [{**r["params"], "step": r["step"], "stopped_early": r["stopped_early"], **r["metrics"]} for r in out["rows"]]
-    _publish(cfg, "sweep", {f"K{k}": e for k, e in evals["students"].items()}, {"pareto": plot}, {"trials": trials})
+    section = _pipeline().sweep_stage(cfg, sweep, command, resume=args.resume)
     return _write_stage_report(cfg, section, "sweep_report.md")
 
 
 def cmd_rl(args) -> int:
     cfg = _writer_config(args)
-    section, _ = _stage1(cfg, _command(args, "rl"))
+    section, _ = _pipeline().rl_stage(cfg, _command(args, "rl"))
     return _write_stage_report(cfg, section, "rl_report.md")
 
 
-def _win_line(result: dict, nfe: int) -> str:
-    from fluxir.report import wins
-
-    won = wins(result, nfe)
-    lost = [t for t in result["tasks"] if t not in won]
-    return (f"- NFE {nfe}: beats the LQ input in PSNR on {len(won)}/{len(result['tasks'])} tasks"
-            + (f" (not on {', '.join(lost)})" if lost else ""))
-
-
-def _heldout_section(cfg: Config, policies: dict[str, Path], command: str) -> tuple[str, dict]:
-    """The policies on the held-out photo (no split trains or selects on it) at `eval.nfe`: PSNR per task
-    against the LQ input, and every (policy, task, NFE) where the output is worse than its input."""
-    from fluxir.report import comparison_table
-
-    evals = {name: _evaluate(cfg, folder, None, False, split="heldout")[0] for name, folder in policies.items()}
-    first = next(iter(evals.values()))
-    worse = [f"{name} {task} NFE {n} ({e['tasks'][task]['nfe'][n]['psnr'] - e['tasks'][task]['lq']['psnr']:+.2f} dB)"
-             for name, e in evals.items() for task in e["tasks"] for n in e["nfe"]
-             if e["tasks"][task]["nfe"][n]["psnr"] < e["tasks"][task]["lq"]["psnr"]]
-    parts = ["## On the held-out photo",
-             "matplotlib's `grace_hopper.jpg`: no split trains, selects or tests on it.",
-             f"{first['tasks'][next(iter(first['tasks']))]['count']} crops per task; reproduce one column with "
-             f"`{command.replace(' run ', ' eval ', 1)} --split heldout --policy <run>/<stage>/model`.",
-             "Worse than the input: " + ("; ".join(worse) if worse else "nowhere (every task, every NFE).")]
-    for n in first["nfe"]:
-        parts.append(f"### PSNR at NFE {n}\n\n" + comparison_table(evals, "psnr", n))
-    return "\n\n".join(parts), evals
-
-
 def cmd_run(args) -> int:
-    """The whole pipeline: test set, stage 0 (pretraining), stage 1 (RL + controls), stage 2 (distillation), report."""
-    from fluxir.report import eval_section, write_grids, write_json, write_report
-    from actors.pretrain import run_pretrain
-
+    """The whole pipeline (actors/pipeline.py `run_pipeline`)."""
     cfg = _writer_config(args)
-    start = time.perf_counter()
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    command = _command(args, "run")
-    print(f"[1/5] stage 0: pretraining the {cfg.model.preset} policy ({cfg.pretrain.steps} steps)")
-    trained = run_pretrain(cfg)
-    print(f"[2/5] evaluating the stage-0 base on the frozen test set at NFE {cfg.eval.nfe}")
-    base, testset = _evaluate(cfg, Path(trained["model_dir"]), None, keep_images=False)
-    controls = " with its equal-time controls" if cfg.rl.controls else ""
-    print(f"[3/5] stage 1: RL ({cfg.rl.objective}, {cfg.rl.iterations} iterations){controls}")
-    rl_text, evals = _stage1(cfg, command, base_eval=base)
-    final = evals["rl"]
-    print(f"[4/5] stage 2: distillation to {cfg.distill.budgets} steps from a {cfg.distill.teacher_nfe}-step teacher")
-    distill_text, distilled = _stage2(cfg, command, known_teacher_eval=final)
-    print("[5/5] the held-out photo, the report and the export")
-    heldout_text, heldout = _heldout_section(cfg, {"base": Path(trained["model_dir"]), "rl": cfg.run_dir / "rl" / "model"},
-                                             command)
-    write_json(run_dir / "heldout.json", heldout)
-    grids = write_grids(run_dir, testset, final, cfg.eval.grid_samples)
-    students = {f"student_K{k}": e for k, e in distilled["students"].items()}
-    _publish(cfg, "report", {"base": base, "rl": final, **students},
-             {**{f"before_after/{t}": run_dir / p for t, p in grids.items()},
-              "rl_gap": run_dir / "rl_gap.png", "distill_pareto": run_dir / "distill_pareto.png"})
-    summary = [f"# fluxir run `{cfg.name}`",
-               f"Stage 0: {cfg.pretrain.steps} steps, {trained['seconds']:.0f} s on {cfg.pretrain.num_workers} "
-               f"Ray Train workers (DeepSpeed ZeRO-{cfg.pretrain.zero_stage}). Whole run: "
-               f"{time.perf_counter() - start:.0f} s.",
-               "Final (RL) policy:\n" + "\n".join(_win_line(final, n) for n in final["nfe"]),
-               "(`sr`'s LQ input is bicubic ×4 upsampling, so its column is the bicubic baseline.)"]
-    images = "## Before / after (final policy)\n\n" + "\n\n".join(f"### {t}\n\n![{t}]({p})" for t, p in grids.items())
-    report = write_report(run_dir, ["\n\n".join(summary), rl_text, distill_text,
-                                    eval_section("Stage-0 base on the frozen test set", base, command), heldout_text,
-                                    images])
-    final.pop("images")
-    write_json(run_dir / "eval.json", final)
-    print(report.read_text().split("## Before")[0])
-    _replace_export(run_dir)
+    report = _pipeline().run_pipeline(cfg, _command(args, "run"))
     print(f"report: {report}")
     return 0
 
@@ -472,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the whole pipeline: test set, pretrain, eval, report")
+    p = sub.add_parser("run", help="the whole pipeline: stage 0 pretraining (Ray Train + DeepSpeed), the base on the "
+                                   "frozen test set, stage 1 RL with its equal-time controls (Ray actors + DeepSpeed "
+                                   "learners), stage 2 distillation (Ray Tune), the held-out photo, the report and the "
+                                   "export")
     _add_config(p)
     p.set_defaults(func=cmd_run)
 

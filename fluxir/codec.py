@@ -85,6 +85,11 @@ class VaeCodec(nn.Module):
         return ((torch.cat(parts).to(latents.dtype) + 1) / 2).clamp(0, 1)
 
 
+def token_channels(codec) -> int:
+    """Channels of one packed token: the latent channels of a 2x2 patch."""
+    return codec.latent_channels * 4
+
+
 def build_codec(cfg) -> nn.Module:
     """From a `Config`: the pixel codec, or the VAE at codec.vae_path (default <model.path>/vae)."""
     if cfg.codec.kind == "pixel":

@@ -198,9 +198,12 @@ class PretrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(100, ge=0)
+    # Learning rate: linear warm-up over warmup_steps, then a cosine decay to min_lr_ratio·lr at `steps`.
+    min_lr_ratio: float = Field(0.02, ge=0, le=1)
     num_workers: int = Field(2, ge=1)
+    # The DeepSpeed JSON: ZeRO stage, precision, optimizer betas/eps, gradient clipping. fluxir sets only
+    # the batch (data.batch_size split over num_workers), lr, weight_decay and the schedule above.
     deepspeed: str = str(CONFIGS / "deepspeed/zero2_cpu.json")
-    zero_stage: int = Field(2, ge=0, le=3)
     worker_resources: dict[str, float] = {"CPU": 1}  # per Ray Train rank; {"CPU": 8, "GPU": 1} on a GPU node
     loss: Literal["mse", "log_mse"] = "log_mse"
     t_start_fraction: float = Field(0.5, ge=0, le=1)  # share of samples at t = t_start (the 1-NFE state)
@@ -260,7 +263,7 @@ class RLConfig(Strict):
     # (a control); reward_backprop: the reward's gradient through the sampler (a control)
     objective: Literal["rsr", "grpo", "nft", "fm", "reward_backprop"] = "rsr"
     init: str | None = None  # policy folder to start from (default: <run>/pretrain/model)
-    iterations: int = Field(100, ge=1)
+    iterations: int | None = Field(100, ge=1)  # None: no limit (then max_seconds stops the run)
     max_seconds: float | None = Field(None, gt=0)  # also stop after this much loop wall-clock
     batch_size: int = Field(16, ge=1)  # inputs per iteration
     candidates: int = Field(4, ge=1)  # K per input: the ODE trajectory + K-1 modulated ones
@@ -285,9 +288,12 @@ class RLConfig(Strict):
     clip: float = Field(0.2, gt=0)  # grpo: PPO ratio clip
     kl_weight: float = Field(0.0, ge=0)  # grpo: KL to the adapter-disabled reference (needs LoRA)
     reward: RewardConfig = RewardConfig()
-    lr: float = Field(2e-4, gt=0)
+    # Regression loss of stage 1's flow-matching anchor and rsr's state and x0 terms: per-sample log-MSE
+    # (each sample weighted by its own error) or MSE. (nft divides by each sample's own error itself.)
+    loss: Literal["mse", "log_mse"] = "log_mse"
+    lr: float = Field(5e-5, gt=0)  # constant; a fraction of stage 0's peak, so the base does not drift
+    # The DeepSpeed JSON (ZeRO stage, precision, betas, clipping); fluxir sets the batch and lr.
     deepspeed: str = str(CONFIGS / "deepspeed/zero2_cpu.json")
-    zero_stage: int = Field(2, ge=0, le=3)
     num_rollout_actors: int = Field(2, ge=1)
     num_reward_workers: int = Field(1, ge=1)
     num_learners: int = Field(2, ge=1)
@@ -323,6 +329,8 @@ class RLConfig(Strict):
             raise ValueError(f"{self.objective} needs candidates >= 2 (advantages are relative within a group)")
         if self.shuffle_rewards and self.objective in ("fm", "reward_backprop"):
             raise ValueError(f"rl.shuffle_rewards has no rewards to shuffle with objective={self.objective}")
+        if self.iterations is None and self.max_seconds is None:
+            raise ValueError("rl.iterations=null needs rl.max_seconds (something has to stop the run)")
         return self
 
 
@@ -409,6 +417,17 @@ class Config(Strict):
     ray: RayConfig = RayConfig()
     wandb: WandbConfig = WandbConfig()
 
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        """Settings of two sections that must agree (one section's are checked by its own validator)."""
+        if self.data.batch_size % self.pretrain.num_workers:
+            raise ValueError(f"data.batch_size {self.data.batch_size} is not divisible by pretrain.num_workers "
+                             f"{self.pretrain.num_workers} (it is the global batch, split over the workers)")
+        from fluxir.rl import check_rl_config  # stage 1's helpers know which steps are explored
+
+        check_rl_config(self)
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -489,6 +508,22 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+# Keys that configs stored in older policy cards and export manifests may hold: the ZeRO stage is the
+# DeepSpeed JSON's own, so a stored value says nothing the JSON does not.
+RETIRED_KEYS = ("pretrain.zero_stage", "rl.zero_stage")
+
+
+def stored_config(tree: dict[str, Any], source: str) -> Config:
+    """The config stored with a trained policy or an export (`policy.json`, `manifest.json`), retired keys
+    dropped."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for dotted in RETIRED_KEYS:
+        section, key = dotted.split(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(key, None)
+    return config_from_dict(tree, source)
+
+
 def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
     try:
         return Config.model_validate(tree)
@@ -496,8 +531,44 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(f"invalid configuration ({source}): {_describe(err)}") from None
 
 
+def read_deepspeed(path: str | Path, key: str) -> dict:
+    """The DeepSpeed JSON that setting `key` names; a missing or malformed file is refused by name."""
+    import json
+
+    try:
+        ds = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: no DeepSpeed JSON at {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{key}: {path} is not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{key}: {path} must hold a JSON object")
+    return ds
+
+
+def zero_stage(path: str | Path, key: str = "deepspeed") -> int:
+    """The ZeRO stage of a DeepSpeed JSON (0 when it has no zero_optimization section)."""
+    return int(read_deepspeed(path, key).get("zero_optimization", {}).get("stage", 0))
+
+
+def check_deepspeed(cfg: Config) -> None:
+    """Both stages' DeepSpeed JSONs: readable, one optimizer step per batch, and a bf16 model
+    (`model.dtype`) only under a JSON with bf16 on (else the optimizer would step the bf16 weights
+    themselves, with no fp32 master copy)."""
+    for key, path in (("pretrain.deepspeed", cfg.pretrain.deepspeed), ("rl.deepspeed", cfg.rl.deepspeed)):
+        ds = read_deepspeed(path, key)
+        if ds.get("gradient_accumulation_steps", 1) != 1:
+            raise ConfigError(f"{key}: {path} sets gradient_accumulation_steps; fluxir takes one optimizer step "
+                              f"per batch (set the batch size in the YAML instead)")
+        if cfg.model.dtype == "bfloat16" and not ds.get("bf16", {}).get("enabled", False):
+            raise ConfigError(f"model.dtype=bfloat16 needs a DeepSpeed JSON with bf16 enabled ({key} names {path}, "
+                              f"without); use configs/deepspeed/zero2_bf16.json or zero3_bf16.json, or "
+                              f"model.dtype=float32")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
+    """Read a YAML file (or the defaults when `path` is None), apply `key.sub=value` overrides, and check the
+    files it names."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -506,7 +577,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for override in overrides:
         apply_override(tree, override)
     _resolve_files(tree, Path.cwd())
-    return config_from_dict(tree, str(path) if path else "<defaults>")
+    cfg = config_from_dict(tree, str(path) if path else "<defaults>")
+    check_deepspeed(cfg)
+    return cfg
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fluxir.degradations import TASKS, degrade, task_id
 from fluxir.files import replaced_whole, write_error
+from fluxir.seeds import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -289,17 +290,6 @@ class PairedFolderSource:
 
 
 # ---------------------------------------------------------------- training stream
-
-
-def mix_seed(*values: int) -> int:
-    """Deterministic 63-bit hash of integers (splitmix64 finaliser, chained)."""
-    mask = (1 << 64) - 1
-    z = 0x9E3779B97F4A7C15
-    for v in values:
-        z = (z ^ (int(v) & mask)) * 0xBF58476D1CE4E5B9 & mask
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
-        z ^= z >> 31
-    return z >> 1
 
 
 def dihedral(image: Tensor, k: int) -> Tensor:

@@ -25,13 +25,14 @@ from torch import nn
 from fluxir import flow
 from fluxir.codec import image_ids, pack, unpack
 from fluxir.config import Config, StudentConfig
-from fluxir.data import mix_seed, train_stream
+from fluxir.data import train_stream
 from fluxir.metrics import at_least, compute_metrics
 from fluxir.objectives import per_sample_regression
-from fluxir.sampling import initial_state, sample_trajectory
+from fluxir.flow import initial_state
+from fluxir.sampling import sample_trajectory
+from fluxir.seeds import Salt, mix_seed
 
 SCHEDULE_KINDS = ("uniform", "shifted", "searched", "learned")
-SALT_CALIBRATION, SALT_VALIDATION, SALT_START, SALT_BATCH = 11, 12, 13, 14
 # A student and its controls: the settings each trial overrides in `distill.student`.
 ARMS = {"student": {}, "uniform-student": {"schedule": "uniform"}, "gt-only": {"teacher_weight": 0.0}}
 
@@ -78,7 +79,7 @@ def teacher_trajectories(policy, codec, inputs: dict[str, torch.Tensor], cfg: Co
     h, w = z_lq.shape[-2:]
     lq, gt, ids = pack(z_lq), pack(z_gt), image_ids(h, w)
     starts = torch.cat([initial_state(lq[i:i + 1], cfg.flow, torch.Generator().manual_seed(mix_seed(cfg.seed, i,
-                                                                                                     SALT_START)))
+                                                                                                     Salt.DISTILL_START)))
                         for i in range(len(lq))])
     states = []
     for i in range(0, len(lq), batch_size):
@@ -357,7 +358,7 @@ def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, in
         report(0, validate(policy, codec, val, schedule.as_list(), cfg.flow, lpips_net), schedule, opt)
     for step in range(start_step + 1, hp.steps + 1):
         policy.train()
-        gen = torch.Generator().manual_seed(mix_seed(seed, step, SALT_BATCH))
+        gen = torch.Generator().manual_seed(mix_seed(seed, step, Salt.DISTILL_BATCH))
         index = torch.randint(len(teacher), (hp.batch_size,), generator=gen)
         loss, _ = student_loss(policy, schedule, teacher, index, hp.teacher_weight, hp.gt_weight, hp.loss)
         if not torch.isfinite(loss):

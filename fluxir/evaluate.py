@@ -144,3 +144,38 @@ def select_nfes(result: dict, nfes: list[int]) -> dict:
             "schedules": {n: result["schedules"][n] for n in nfes},
             "tasks": {t: {"lq": e["lq"], "count": e["count"], "nfe": {n: e["nfe"][n] for n in nfes}}
                       for t, e in result["tasks"].items()}}
+
+
+def evaluate_folder(cfg, policy_dir, nfes: list[int] | None = None, keep_images: bool = False,
+                    schedules: dict[int, list[float]] | None = None, split: str = "test",
+                    show_progress: bool = True) -> tuple[dict, dict]:
+    """(result, evaluation set): the trained policy in `policy_dir` on `split` ("test": the frozen test set;
+    "val", "heldout": see `fluxir.data.evaluation_set`), with LPIPS when enabled and available."""
+    import sys
+
+    from tqdm import tqdm
+
+    from fluxir.data import evaluation_set
+    from fluxir.policy import load_trained
+
+    policy, codec = load_trained(policy_dir, cfg, place_on_device=True)
+    testset = evaluation_set(cfg, split)
+    lpips_net, reason = lpips_or_reason(cfg.eval.lpips)
+    nfes = list(schedules) if schedules else (nfes or cfg.eval.nfe)
+    with tqdm(total=len(testset) * len(nfes), desc="eval", unit="task·nfe", file=sys.stdout,
+              disable=not show_progress) as bar:
+        result = evaluate(policy, codec, testset, cfg, nfes, lpips_net, keep_images=keep_images,
+                          progress=lambda *_: bar.update(), schedules=schedules)
+    result["lpips_reason"] = reason
+    return result, testset
+
+
+def evaluate_reusing(cfg, policy_dir, schedules: dict[int, list[float]], known: dict | None) -> dict:
+    """`policy_dir` on the test set at `schedules` ({nfe: times}); the NFEs that `known` (an evaluation of
+    the same policy) already has on the same times are taken from it, not evaluated again."""
+    have = [n for n, times in schedules.items() if known and n in known["nfe"] and known["schedules"][n] == times]
+    todo = {n: times for n, times in schedules.items() if n not in have}
+    parts = [select_nfes(known, have)] if have else []
+    if todo:
+        parts.append(evaluate_folder(cfg, policy_dir, schedules=todo)[0])
+    return merge_evals(*parts)

@@ -294,6 +294,45 @@ def recorded_metrics(run_dir: Path, policy_dir: Path, card: dict, budgets) -> di
     return out
 
 
+def export_run(run_dir: Path, out_dir: Path, policy_dir: Path | None = None, budget: int | None = None) -> Path:
+    """Export `policy_dir`, or the run's distilled student for `budget`, or by default stage 2's choice
+    (the fewest steps within the teacher's validation quality), else the run's last stage."""
+    from fluxir.config import stored_config
+    from fluxir.policy import load_trained
+
+    choice = stage2_choice(run_dir) if policy_dir is None and budget is None else None
+    policy_dir = policy_dir or (choice["policy_dir"] if choice else export_source(run_dir, budget))
+    card = json.loads((policy_dir / "policy.json").read_text())
+    cfg = stored_config(card["config"], str(policy_dir / "policy.json"))
+    policy, codec = load_trained(policy_dir, cfg, place_on_device=True)
+    if choice:
+        schedules, metrics = {choice["budget"]: choice["schedule"]}, {choice["budget"]: choice.get("test", {})}
+    else:
+        schedules = policy_schedules(card, cfg)
+        metrics = recorded_metrics(run_dir, policy_dir, card, schedules)
+    source = {"run_dir": str(run_dir.resolve()), "policy_dir": str(policy_dir.resolve()), "stage": card.get("stage"),
+              **{k: card[k] for k in ("budget", "schedule_kind", "step", "version") if k in card},
+              **({"choice": choice["name"], "choice_metric": choice["metric"]} if choice else {})}
+    return export_policy(policy, codec, cfg, out_dir, schedules, source, metrics, in_place=True)
+
+
+def export_summary(out: Path) -> str:
+    """One line naming what was exported where, with its budgets."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    return (f"exported {manifest['source']['policy_dir']} -> {out} (budgets {sorted(manifest['budgets'], key=int)}; "
+            f"sha256 of every file in {out / MANIFEST})")
+
+
+def replace_run_export(run_dir: Path) -> Path:
+    """`<run>/export`, written again: the new export is complete before the old one is removed."""
+    target, fresh = run_dir / "export", run_dir / "export.new"
+    shutil.rmtree(fresh, ignore_errors=True)
+    export_run(run_dir, fresh)
+    if target.exists():
+        shutil.rmtree(target)
+    return fresh.rename(target)
+
+
 # --- reading an export ---------------------------------------------------------------------------
 
 def _from_pretrained(model_class, folder: Path):
@@ -309,12 +348,12 @@ def load_export(root: str | Path):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     from fluxir.codec import PixelCodec, VaeCodec
-    from fluxir.config import Config
+    from fluxir.config import stored_config
     from fluxir.policy import RestorationPolicy, precond_of
 
     root = Path(root)
     manifest = verify_export(root)
-    cfg = Config.model_validate(manifest["config"])
+    cfg = stored_config(manifest["config"], str(Path(root) / MANIFEST))
     s = manifest["sampler"]
     transformer = _from_pretrained(FluxTransformer2DModel, root / "transformer")
     cond = load_file(str(root / "conditioning.safetensors"))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from fluxir import flow
+from fluxir.codec import image_ids, pack
 from fluxir.policy import Prediction
 
 LOG_MSE_EPS = 1e-6  # in [-1, 1] units: a 66 dB PSNR floor, far below anything reached
@@ -62,3 +64,16 @@ def sample_times(batch: int, t_start: float, at_start_fraction: float, generator
     at_start = torch.rand(batch, generator=generator) < at_start_fraction
     t = t_start * (1 - u * (1 - 1e-3))
     return torch.where(at_start, torch.full_like(t, t_start), t)
+
+
+def flow_matching_prediction(model, codec, cfg, batch: dict):
+    """The policy's prediction at x_t on the path from GT to the source: (pred, x0, x1) in tokens.
+
+    batch: lq, gt (B, 3, H, W) images, task (B,), t (B,) times, noise (B, C, h, w) latent-shaped ε.
+    """
+    x0_img, lq_img = codec.encode(batch["gt"]), codec.encode(batch["lq"])
+    h, w = x0_img.shape[-2:]
+    x0, lq = pack(x0_img), pack(lq_img)
+    x1 = flow.source_mean(lq, cfg.flow.source) + flow.source_sigma(cfg.flow) * pack(batch["noise"])
+    x_t = flow.interpolate(x0, x1, batch["t"])
+    return model(x_t, lq, batch["t"], batch["task"], image_ids(h, w, device=x0.device)), x0, x1

@@ -188,14 +188,14 @@ def precond_of(cfg) -> tuple[str, float, float] | None:
     """(source, σ_src, σ_data) of the x0_precond reading, None for the other readings."""
     if cfg.model.parametrization != "x0_precond":
         return None
-    from fluxir.sampling import source_sigma
+    from fluxir.flow import source_sigma
 
     return cfg.flow.source, source_sigma(cfg.flow), cfg.model.sigma_data
 
 
 def _task_conditioning(cfg, num_conditions: int):
     """`assemble_policy`'s conditioning step: the prompt cache (flux-dev) or learned task tokens (tiny),
-    drawn after the widening as they always were, so a seed gives the same tiny init as before."""
+    drawn after the widening (the order of the draws is part of the seeded init)."""
     m = cfg.model
 
     def draw(transformer):
@@ -253,3 +253,17 @@ def load_policy(directory: str | Path, cfg, token_channels: int) -> RestorationP
     policy = build_policy(cfg, token_channels)
     policy.load_trainable_state_dict(load_file(str(weights)))
     return policy.eval()
+
+
+def load_trained(directory: str | Path, cfg, place_on_device: bool = False):
+    """(policy, codec) of the trained policy folder `directory`, in eval mode; with `place_on_device`, both
+    on this process's accelerator (a GPU when Ray or the driver has one) in `model.dtype`."""
+    from fluxir.codec import build_codec, token_channels
+
+    codec = build_codec(cfg)
+    policy = load_policy(directory, cfg, token_channels(codec))
+    if place_on_device:
+        from fluxir.accel import place
+
+        place(codec, cfg.model.dtype, place(policy, cfg.model.dtype))
+    return policy, codec

@@ -6,30 +6,18 @@ from __future__ import annotations
 
 import torch
 
-from fluxir import flow
-from fluxir.codec import build_codec, image_ids, pack
+from fluxir.codec import build_codec, token_channels
 from fluxir.config import Config, config_from_dict
-from fluxir.data import mix_seed, train_stream
-from fluxir.objectives import flow_matching_loss, per_sample_mse, psnr_from_mse, sample_times
+from fluxir.data import train_stream
+from fluxir.objectives import (flow_matching_loss, flow_matching_prediction, per_sample_mse, psnr_from_mse,
+                               sample_times)
 from fluxir.policy import build_policy, save_policy
-from fluxir.sampling import source_mean, source_sigma
+from fluxir.seeds import Salt, mix_seed
 
 
-def token_channels(codec) -> int:
-    return codec.latent_channels * 4
-
-
-def flow_matching_prediction(model, codec, cfg: Config, batch: dict):
-    """The policy's prediction at x_t on the path from GT to the source: (pred, x0, x1) in tokens.
-
-    batch: lq, gt (B, 3, H, W) images, task (B,), t (B,) times, noise (B, C, h, w) latent-shaped ε.
-    """
-    x0_img, lq_img = codec.encode(batch["gt"]), codec.encode(batch["lq"])
-    h, w = x0_img.shape[-2:]
-    x0, lq = pack(x0_img), pack(lq_img)
-    x1 = source_mean(lq, cfg.flow.source) + source_sigma(cfg.flow) * pack(batch["noise"])
-    x_t = flow.interpolate(x0, x1, batch["t"])
-    return model(x_t, lq, batch["t"], batch["task"], image_ids(h, w, device=x0.device)), x0, x1
+def per_rank_batch(cfg: Config) -> int:
+    """Each worker's share of the global batch `data.batch_size` (the config checks that it divides)."""
+    return cfg.data.batch_size // cfg.pretrain.num_workers
 
 
 class FlowMatchingRecipe:
@@ -38,8 +26,7 @@ class FlowMatchingRecipe:
     def __init__(self, config: dict | Config):
         self.cfg = config if isinstance(config, Config) else config_from_dict(config)
         self.codec = build_codec(self.cfg)
-        # data.batch_size here is per rank (actors/pretrain.py splits the global one)
-        self.stream = train_stream(self.cfg)
+        self.stream = train_stream(self.cfg, batch_size=per_rank_batch(self.cfg))
 
     def build_model(self):
         return build_policy(self.cfg, token_channels(self.codec))
@@ -56,7 +43,7 @@ class FlowMatchingRecipe:
 
     def batch(self, step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
         b = self.stream.batch(step, rank, world_size)
-        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, step, rank, 7))
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, step, rank, Salt.PRETRAIN_BATCH))
         n = b["gt"].shape[0]
         b["t"] = sample_times(n, self.cfg.flow.t_start, self.cfg.pretrain.t_start_fraction, gen)
         lat = self.codec.latent_channels

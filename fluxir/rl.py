@@ -6,7 +6,7 @@ its start and differ by the noise of their stochastic steps (with `rl.window`, t
 to a per-input branch step and explore only the window's steps).
 
 Objectives, per sample (the learner averages them over the global batch). Every regression term is a
-per-sample log-MSE (`pretrain.loss`), so its gradient is the MSE's divided by the MSE: the terms are in
+per-sample log-MSE (`rl.loss`), so its gradient is the MSE's divided by the MSE: the terms are in
 one unit system (relative error) and their weights compare directly.
 - `rsr` (reward-selected regression, the paper's): the best candidate by reward is selected when it
   beats the ODE candidate by `margin`; at a random state pair (x_a, x_b) of the selected trajectory
@@ -34,14 +34,15 @@ import torch
 from fluxir import flow
 from fluxir.codec import image_ids, pack, unpack
 from fluxir.config import Config
-from fluxir.data import mix_seed
 from fluxir.metrics import at_least, compute_metrics
 from fluxir.objectives import (LOG_MSE_EPS, flow_matching_per_sample, flow_matching_reading, per_sample_mse,
                                per_sample_regression, sample_times)
-from fluxir.pretrain import flow_matching_prediction
-from fluxir.sampling import initial_state, sample_trajectory, source_mean, source_sigma
+from fluxir.objectives import flow_matching_prediction
+from fluxir.flow import initial_state, source_mean, source_sigma
+from fluxir.rollouts import check_columns
+from fluxir.sampling import sample_trajectory
+from fluxir.seeds import Salt, mix_seed
 
-SALT_START, SALT_STEP, SALT_PAIR, SALT_FM, SALT_WINDOW, SALT_SHUFFLE, SALT_NFT = 1, 2, 3, 4, 5, 6, 7
 REWARD_OBJECTIVES = ("rsr", "grpo", "nft")  # the objectives that read rollouts and their rewards
 
 
@@ -72,7 +73,7 @@ def branch_steps(cfg: Config, seeds: torch.Tensor) -> torch.Tensor:
     if cfg.rl.window is None:
         return torch.zeros(len(seeds), dtype=torch.long)
     starts = torch.tensor(window_starts(cfg))
-    return starts[row_uniform_int(seeds.cpu(), len(starts), SALT_WINDOW)]
+    return starts[row_uniform_int(seeds.cpu(), len(starts), Salt.RL_WINDOW)]
 
 
 def explored_mask(cfg: Config, seeds: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,9 @@ def init_dir(cfg: Config) -> Path:
 
 
 def check_rl_config(cfg: Config) -> None:
-    """Combinations the field validators cannot see; raises ValueError naming the keys."""
+    """Stage 1's combinations of steps, candidates, window and objective that its own section's validator
+    cannot see (they need the helpers above); the config's validator calls it. Raises ValueError naming
+    the keys."""
     if cfg.rl.candidates > 1 and not stochastic_indices(cfg):
         raise ValueError(f"rl.candidates={cfg.rl.candidates} needs a stochastic step: rl.nfe >= 2 and "
                          f"rl.stochastic_steps not only the last step")
@@ -153,7 +156,7 @@ def row_uniform_int(seeds: torch.Tensor, high: int, salt: int) -> torch.Tensor:
 
 def _starts(lq_tok: torch.Tensor, seeds: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Each input's start state at t_start, drawn from its own seed (rollouts and reward_backprop alike)."""
-    return torch.cat([initial_state(lq_tok[i:i + 1], cfg.flow, row_generator(s, SALT_START))
+    return torch.cat([initial_state(lq_tok[i:i + 1], cfg.flow, row_generator(s, Salt.RL_START))
                       for i, s in enumerate(seeds.tolist())])
 
 
@@ -202,7 +205,7 @@ def _explore(policy, lq_tok, task, ids, schedule, cfg, ode_states, seeds, explor
         inputs = (branch == start).nonzero().squeeze(1)
         rows = (inputs[:, None] * k1 + torch.arange(k1)).flatten()
         steps = [i for i in range(nfe) if mask[inputs[0], i]]
-        noise = {i - start: row_normal(explore_seeds[rows], tuple(lq_tok.shape[1:]), mix_seed(SALT_STEP, i))
+        noise = {i - start: row_normal(explore_seeds[rows], tuple(lq_tok.shape[1:]), mix_seed(Salt.RL_STEP, i))
                  for i in steps}
         rep = lambda x: x[inputs.to(x.device)].repeat_interleave(k1, 0)  # noqa: E731
         branchoff = sample_trajectory(policy, rep(lq_tok), rep(task), ids, schedule[start:], cfg.flow,
@@ -244,10 +247,21 @@ def score(final: torch.Tensor, gt: torch.Tensor, weights, lpips=None) -> dict[st
     return {**metrics, "reward": combine_reward(metrics, weights)}
 
 
+def score_columns(final: torch.Tensor, gt: torch.Tensor, weights, lpips=None, device=None) -> dict[str, torch.Tensor]:
+    """The score columns of candidate rows (`rollouts.SCORE_COLUMNS`), on the CPU: `score` without gradients,
+    on `device` (default: where `final` is), with lpips NaN where the reward does not compute it."""
+    device = final.device if device is None else device
+    with torch.no_grad():
+        scores = score(final.to(device), gt.to(device), weights, lpips)
+        scores = {k: v.cpu() for k, v in scores.items()}
+    scores.setdefault("lpips", torch.full_like(scores["reward"], float("nan")))
+    return scores
+
+
 def shuffled_within_groups(reward: torch.Tensor, seeds: torch.Tensor, k_count: int) -> torch.Tensor:
     """The rewards of each input's K candidates permuted (seeded by the input): the reward-free control."""
     group = reward.view(-1, k_count)
-    perms = torch.stack([torch.randperm(k_count, generator=row_generator(s, SALT_SHUFFLE)) for s in seeds.tolist()])
+    perms = torch.stack([torch.randperm(k_count, generator=row_generator(s, Salt.RL_SHUFFLE)) for s in seeds.tolist()])
     return group.gather(1, perms.to(group.device)).view(-1)
 
 
@@ -271,13 +285,22 @@ def group_advantages(reward: torch.Tensor, k_count: int, eps: float = 1e-6) -> t
     return adv.view(-1).float()
 
 
+LEARNER_KEYS = ("lq", "gt", "task", "seed")  # the rollout columns every learner batch carries
+LEARNER_READS = {"rsr": ("states",), "grpo": ("states", "log_probs", "candidate"),  # and per objective
+                 "nft": ("states", "log_probs", "candidate", "final")}
+
+
 def learner_batch(rows: dict[str, torch.Tensor], cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The learner's global batch from scored rollout rows (tensors keyed as in `rollouts.to_tensors`).
+    """The learner's global batch from scored rollout rows: tensors keyed by the rollout schema
+    (`rollouts.ROLLOUT_COLUMNS` and `SCORE_COLUMNS`, as `rollouts.to_tensors` returns them); an unknown
+    column, or one the objective reads that is missing, raises naming it.
 
     rsr: one row per input (the selected trajectory); grpo, nft: every candidate with its advantage
     (nft also its final image). With `rl.shuffle_rewards` selection and advantages read rewards permuted
     within each group. Also returns selection statistics (of the true rewards) for logging.
     """
+    check_columns(rows, ("input", "reward", *LEARNER_KEYS, *LEARNER_READS.get(cfg.rl.objective, ())),
+                  f"learner batch ({cfg.rl.objective})")
     k_count = cfg.rl.candidates
     valid = torch.isfinite(rows["reward"].view(-1, k_count)).all(1)  # a NaN image skips its whole group
     if not valid.any():
@@ -292,15 +315,14 @@ def learner_batch(rows: dict[str, torch.Tensor], cfg: Config) -> tuple[dict[str,
         reward = shuffled_within_groups(reward, rows["seed"][::k_count], k_count)
     chosen, improved, _ = select_best(reward, k_count, cfg.rl.margin)
     stats["improved_fraction"] = float(improved.float().mean())
-    keys = ("lq", "gt", "task", "seed")
     if cfg.rl.objective in ("grpo", "nft"):
-        batch = {k: rows[k] for k in (*keys, "states", "log_probs", "candidate")}
+        batch = {k: rows[k] for k in (*LEARNER_KEYS, "states", "log_probs", "candidate")}
         batch["advantage"] = group_advantages(reward, k_count)
         if cfg.rl.objective == "nft":
             batch["final"] = rows["final"]
         return batch, stats
     pick = torch.arange(len(chosen)) * k_count + (chosen if cfg.rl.objective == "rsr" else 0)
-    batch = {k: rows[k][pick] for k in keys}
+    batch = {k: rows[k][pick] for k in LEARNER_KEYS}
     if cfg.rl.objective == "rsr":
         batch["states"], batch["improved"] = rows["states"][pick], improved
     return batch, stats
@@ -393,7 +415,6 @@ class RLObjective:
     """`per_sample(policy, batch)` -> (loss (B,), logs): the configured objective on a learner shard."""
 
     def __init__(self, cfg: Config, codec):
-        check_rl_config(cfg)
         self.cfg, self.codec = cfg, codec
         self.rl = cfg.rl
         self.schedule = rl_schedule(cfg)
@@ -437,15 +458,15 @@ class RLObjective:
 
     def _anchor(self, policy, batch) -> torch.Tensor:
         """Stage-0 flow matching on the batch's (LQ, GT) with per-sample time and noise."""
-        pred, x0, x1 = self._fm_prediction(policy, batch, batch["seed"], SALT_FM)
-        per = flow_matching_per_sample(pred, x0, x1, self.cfg.model.parametrization, self.cfg.pretrain.loss)
+        pred, x0, x1 = self._fm_prediction(policy, batch, batch["seed"], Salt.RL_FM)
+        per = flow_matching_per_sample(pred, x0, x1, self.cfg.model.parametrization, self.cfg.rl.loss)
         return per.view(batch["seed"].shape[0])
 
     def _rsr(self, policy, batch, lq_tok, ids):
         """The step term on a random `informative_pairs` pair of the selected trajectory."""
         pairs = informative_pairs(self.cfg, batch["seed"])
         pairs[~pairs.any(1)] = True  # an ODE-only row (K = 1) carries no step term; any pair will do
-        pair = pick_true(pairs, batch["seed"].cpu(), SALT_PAIR).to(lq_tok.device)
+        pair = pick_true(pairs, batch["seed"].cpu(), Salt.RL_PAIR).to(lq_tok.device)
         rows = torch.arange(len(pair), device=lq_tok.device)
         x_a, x_b = batch["states"][rows, pair], batch["states"][rows, pair + 1]
         times = self.times.to(lq_tok.device)
@@ -453,13 +474,13 @@ class RLObjective:
         pred = policy(x_a, lq_tok, t_a, batch["task"], ids)
         gt_tok = pack(self.codec.encode(batch["gt"]))
         return rsr_terms(pred.velocity, pred.x0_hat, x_a, x_b, t_a, t_b, gt_tok, batch["improved"],
-                         self.cfg.pretrain.loss)
+                         self.cfg.rl.loss)
 
     def step_log_probs(self, policy, batch, lq_tok, ids):
         """(log p_new, log p_old, step moments (mean, std), explored rows) at one random explored step per
         candidate: the learner's recomputation beside the rollout's stored value."""
         explored = batch["candidate"] > 0
-        pick = pick_true(explored_mask(self.cfg, batch["seed"]), row_seeds(batch), SALT_PAIR).to(lq_tok.device)
+        pick = pick_true(explored_mask(self.cfg, batch["seed"]), row_seeds(batch), Salt.RL_PAIR).to(lq_tok.device)
         rows = torch.arange(len(pick), device=lq_tok.device)
         x_a, x_b = batch["states"][rows, pick], batch["states"][rows, pick + 1]
         t_a, t_b = self.times.to(lq_tok.device)[pick], self.times.to(lq_tok.device)[pick + 1]
@@ -484,7 +505,7 @@ class RLObjective:
 
     def _nft(self, policy, batch) -> torch.Tensor:
         """Flow matching onto each candidate's own final image at a fresh (t, ε) per row, signed by its reward."""
-        pred, x0, x1 = self._fm_prediction(policy, {**batch, "gt": batch["final"]}, row_seeds(batch), SALT_NFT)
+        pred, x0, x1 = self._fm_prediction(policy, {**batch, "gt": batch["final"]}, row_seeds(batch), Salt.RL_NFT)
         value, target = flow_matching_reading(pred, x0, x1, self.cfg.model.parametrization)
         return nft_terms(value, target, optimality(batch["advantage"]), self.rl.nft_beta)
 

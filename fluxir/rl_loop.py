@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 
 from fluxir import rl
-from fluxir.data import mix_seed, train_stream
+from fluxir.data import train_stream
+from fluxir.seeds import Salt, mix_seed
+from fluxir.rollouts import candidate_rows
 
 
 def rl_stream(cfg):
     """Stage 1's input stream (the iteration is the cursor): the same for every objective and control."""
-    return train_stream(cfg, batch_size=cfg.rl.batch_size, seed=mix_seed(cfg.seed, 1))
+    return train_stream(cfg, batch_size=cfg.rl.batch_size, seed=mix_seed(cfg.seed, Salt.RL_INPUTS))
 
 
 def deepspeed_optimizer(cfg, params) -> tuple[torch.optim.Optimizer, float]:
@@ -35,13 +37,10 @@ class LocalRL:
 
     def __init__(self, cfg):
         """The policy stage 1 starts from (`rl.init`, else the run's stage-0 model), in train mode."""
-        from fluxir.codec import build_codec
         from fluxir.metrics import load_lpips
-        from fluxir.policy import load_policy
-        from fluxir.pretrain import token_channels
+        from fluxir.policy import load_trained
 
-        codec = build_codec(cfg)
-        policy = load_policy(rl.init_dir(cfg), cfg, token_channels(codec))
+        policy, codec = load_trained(rl.init_dir(cfg), cfg)
         self.cfg, self.policy, self.codec = cfg, policy.train(), codec
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.opt, self.clip = deepspeed_optimizer(cfg, self.params)
@@ -49,21 +48,19 @@ class LocalRL:
         reads_rewards = cfg.rl.objective in rl.REWARD_OBJECTIVES
         self.lpips = load_lpips() if reads_rewards and cfg.rl.reward.lpips > 0 else None
 
-    def rollout_rows(self, inputs: dict) -> dict[str, torch.Tensor]:
-        """Scored candidate rows, keyed as the Ray path's `rollouts.to_tensors`."""
-        k = self.cfg.rl.candidates
+    def rollout_rows(self, inputs: dict, it: int) -> dict[str, torch.Tensor]:
+        """Iteration `it`'s scored candidate rows, the columns the Ray path's rollout actor and reward worker
+        write (`rollouts.candidate_rows`, `rl.score_columns`), sampled by policy version `it`."""
         out = rl.sample_candidates(self.policy, self.codec, inputs["lq"], inputs["task"], inputs["seed"], self.cfg)
-        rows = {key: v.repeat_interleave(k, 0) for key, v in inputs.items()} | out
-        with torch.no_grad():
-            rows |= rl.score(out["final"], rows["gt"], self.cfg.rl.reward, self.lpips)
-        return rows
+        rows = candidate_rows(inputs, out, self.cfg.rl.candidates, it, it * self.cfg.rl.batch_size)
+        return rows | rl.score_columns(rows["final"], rows["gt"], self.cfg.rl.reward, self.lpips)
 
     def iteration(self, it: int) -> dict:
         t0 = time.perf_counter()
         inputs, stats, rollouts = self.stream.batch(it), {}, 0
         batch = inputs
         if self.cfg.rl.objective in rl.REWARD_OBJECTIVES:
-            rows = self.rollout_rows(inputs)
+            rows = self.rollout_rows(inputs, it)
             batch, stats = rl.learner_batch(rows, self.cfg)
             rollouts = len(rows["seed"])
         t1 = time.perf_counter()

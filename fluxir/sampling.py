@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from fluxir import flow
 from fluxir.accel import module_device
 from fluxir.codec import image_ids, pack, unpack
+from fluxir.flow import initial_state, source_mean, source_sigma
 
 
 @dataclass
@@ -25,28 +26,6 @@ class Trajectory:
     @property
     def final(self) -> torch.Tensor:
         return self.states[-1]
-
-
-def source_mean(lq_tokens: torch.Tensor, source: str) -> torch.Tensor:
-    """μ of the source x1 = μ + σ·ε: the LQ latent (`lq`) or zero (`gaussian`)."""
-    return lq_tokens if source == "lq" else torch.zeros_like(lq_tokens)
-
-
-def source_sigma(flow_cfg) -> float:
-    """σ of the source x1 = μ + σ·ε: σ_src around the LQ (`lq`) or 1 (`gaussian`)."""
-    return flow_cfg.sigma_src if flow_cfg.source == "lq" else 1.0
-
-
-def initial_state(lq_tokens, flow_cfg, generator=None, eps=None) -> torch.Tensor:
-    """x at t_start: μ + σ·ε at t = 1; part-way (t_start < 1, lq source) the LQ stands in for x0.
-
-    `eps` (B, N, C), if given, is ε (e.g. tokens cropped from a noise field tiles share); otherwise ε is
-    drawn on the CPU from `generator`.
-    """
-    mu, sigma = source_mean(lq_tokens, flow_cfg.source), source_sigma(flow_cfg)
-    if eps is None:
-        eps = torch.randn(lq_tokens.shape, generator=generator, dtype=lq_tokens.dtype)
-    return flow.interpolate(mu, mu + sigma * eps.to(lq_tokens.device, lq_tokens.dtype), flow_cfg.t_start)
 
 
 def sample_trajectory(policy, lq_tokens, task, img_ids, schedule, flow_cfg, x_start=None, rho: float = 0.0,

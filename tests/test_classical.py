@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fluxir.data import bundled_images, mix_seed, quantise, textured_crops
+from fluxir.data import bundled_images, quantise, textured_crops
+from fluxir.seeds import mix_seed
 from fluxir.degradations import DEGRADATIONS, degrade, filter_per_sample, task_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -7,21 +7,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxir.cli import main
+from fluxir.cli import build_parser, main
 from fluxir.data import save_image
 from fluxir.degradations import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["run", "pretrain", "rl", "distill", "sweep", "eval", "restore", "export", "submit", "testset", "weights"]
+SUBCOMMANDS = ["run", "pretrain", "rl", "distill", "sweep", "submit", "eval", "restore", "export", "weights",
+               "embed-prompts", "testset"]
 
 
-def test_help_lists_every_subcommand(capsys):
+def _top_help(capsys) -> str:
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_subcommand(capsys):
+    parser_names = list(build_parser()._subparsers._group_actions[0].choices)
+    assert parser_names == SUBCOMMANDS  # a new subcommand is added here too, so its help is tested
+    out = _top_help(capsys)
     for name in SUBCOMMANDS:
-        assert name in out
+        assert f"    {name} " in out.replace("\n", " \n")
+
+
+def test_help_for_run_names_every_stage(capsys):
+    line = " ".join(_top_help(capsys).split("    run ", 1)[1].split("    pretrain ", 1)[0].split())
+    for stage in ("stage 0", "stage 1", "controls", "stage 2", "held-out", "report", "export"):
+        assert stage in line, (stage, line)
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)

@@ -69,6 +69,7 @@ def test_file_settings_resolve_against_the_config_file_not_the_working_folder(tm
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.json").write_text((root / "configs/deepspeed/zero3_bf16.json").read_text())
     cfg = load_config(root / "configs/flux-dev-7task.yaml", ["model.path=/m", "pretrain.deepspeed=mine.json"])
     assert cfg.rl.deepspeed == str(root / "configs/deepspeed/zero2_bf16.json")
     assert cfg.pretrain.deepspeed == str(tmp_path / "mine.json")
@@ -82,3 +83,49 @@ def test_file_settings_resolve_against_the_config_file_not_the_working_folder(tm
     assert setup["package-dir"]["fluxir.configs"] == "configs"
     shipped = {f for pattern in setup["package-data"]["fluxir.configs"] for f in (root / "configs").glob(pattern)}
     assert shipped == {f for f in (root / "configs").rglob("*") if f.is_file()}
+
+
+def test_deepspeed_json_is_checked_when_the_config_loads(tmp_path):
+    """A missing or malformed DeepSpeed JSON, gradient accumulation, or a bf16 model under an fp32 JSON:
+    refused at load, naming the setting; the ZeRO stage is the JSON's own."""
+    from fluxir.config import zero_stage
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match="rl.deepspeed: no DeepSpeed JSON at .*missing.json"):
+        load_config(root / "configs/smoke.yaml", [f"rl.deepspeed={tmp_path / 'missing.json'}"])
+    (tmp_path / "bad.json").write_text("{stage: 2")
+    with pytest.raises(ConfigError, match="pretrain.deepspeed: .*bad.json is not valid JSON"):
+        load_config(root / "configs/smoke.yaml", [f"pretrain.deepspeed={tmp_path / 'bad.json'}"])
+    (tmp_path / "accum.json").write_text('{"gradient_accumulation_steps": 4}')
+    with pytest.raises(ConfigError, match="rl.deepspeed: .*gradient_accumulation_steps"):
+        load_config(root / "configs/smoke.yaml", [f"rl.deepspeed={tmp_path / 'accum.json'}"])
+    with pytest.raises(ConfigError, match="model.dtype=bfloat16 needs a DeepSpeed JSON with bf16"):
+        load_config(root / "configs/smoke.yaml", ["model.dtype=bfloat16"])
+    assert zero_stage(root / "configs/deepspeed/zero3_bf16.json") == 3
+    with pytest.raises(ConfigError, match="unknown key"):  # the JSON alone sets the ZeRO stage
+        load_config(root / "configs/smoke.yaml", ["rl.zero_stage=3"])
+
+
+def test_settings_that_span_sections_are_checked_by_the_config():
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match="data.batch_size 15 is not divisible by pretrain.num_workers 2"):
+        load_config(root / "configs/smoke.yaml", ["data.batch_size=15", "pretrain.num_workers=2"])
+    with pytest.raises(ConfigError, match="rl.candidates=2 needs a stochastic step"):
+        load_config(root / "configs/smoke.yaml", ["rl.nfe=1", "rl.candidates=2"])
+    with pytest.raises(ConfigError, match="rl.iterations=null needs rl.max_seconds"):
+        load_config(root / "configs/smoke.yaml", ["rl.iterations=null"])
+    assert load_config(root / "configs/smoke.yaml", ["rl.iterations=null", "rl.max_seconds=5"]).rl.iterations is None
+
+
+def test_a_stored_config_with_retired_keys_still_loads():
+    """Policy cards and export manifests written with `pretrain.zero_stage`/`rl.zero_stage` load; the keys
+    are dropped (the DeepSpeed JSON holds the ZeRO stage); an unknown key is still refused."""
+    from fluxir.config import Config, stored_config
+
+    tree = Config().model_dump(mode="json")
+    tree["pretrain"]["zero_stage"] = tree["rl"]["zero_stage"] = 2
+    assert stored_config(tree, "policy.json") == Config()
+    assert "zero_stage" in tree["rl"]  # the caller's dict is left as it was
+    tree["rl"]["zero_stages"] = 2
+    with pytest.raises(ConfigError, match="policy.json.*rl.zero_stages: unknown key"):
+        stored_config(tree, "policy.json")

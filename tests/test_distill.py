@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fluxir import distill as D
 from fluxir import flow
 from fluxir.config import ConfigError, load_config, load_sweep
 from fluxir.report import pareto_front
+from fluxir.seeds import Salt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,14 +164,14 @@ def test_budget_schedules():
 def smoke_teacher():
     from fluxir.codec import build_codec
     from fluxir.policy import build_policy
-    from fluxir.pretrain import token_channels
+    from fluxir.codec import token_channels
 
     cfg = load_config(ROOT / "configs/smoke.yaml")
     codec = build_codec(cfg)
     policy = build_policy(cfg, token_channels(codec))
     with torch.no_grad():  # a non-trivial random policy (the fresh x0-residual one returns the LQ exactly)
         policy.transformer.proj_out.weight.normal_(0, 0.05)
-    inputs = D.calibration_inputs(cfg, 8, D.SALT_CALIBRATION)
+    inputs = D.calibration_inputs(cfg, 8, Salt.DISTILL_CALIBRATION)
     return cfg, codec, policy, D.teacher_trajectories(policy, codec, inputs, cfg, 4)
 
 
@@ -276,7 +278,7 @@ def test_pareto_front():
 def test_prepare_reads_its_record_back_on_resume(tmp_path, smoke_teacher):
     """`--resume` reuses the stored teacher sets (Parquet), searched schedules and baselines when the
     teacher weights and settings match, and computes them again when they do not."""
-    from actors.distill import prepare
+    from fluxir.teacher import prepare
     from fluxir.policy import save_policy
 
     cfg, _, policy, _ = smoke_teacher
@@ -297,6 +299,42 @@ def test_prepare_reads_its_record_back_on_resume(tmp_path, smoke_teacher):
     assert sorted(first["searched"]) == [1, 2] and len(first["schedules"]["searched"][2]) == 3
     other = load_config(ROOT / "configs/smoke.yaml", [*overrides, "seed=1"])
     assert not prepare(other, stage, resume=True)["reused"]
+
+
+def test_trial_results_keep_the_best_students_and_the_controls(tmp_path):
+    """Trial rows -> each budget's best student (by the selection metric) under best/K<k>/ with its
+    schedule in schedules.json, every control under controls/K<k>/<arm>/, both without the trainer state."""
+    from fluxir.students import TRAINER_STATE, best_per_budget, keep_controls, selection_metric, trial_params
+
+    cfg = load_config(ROOT / "configs/smoke.yaml")
+    assert selection_metric(cfg) == ("psnr", "max")
+    assert selection_metric(load_config(ROOT / "configs/smoke.yaml", ["distill.metric=lpips"])) == ("lpips", "min")
+    params = trial_params(cfg, {"spec": {"budget": 2, "arm": "gt-only"}, "lr": 1e-3})
+    assert params["budget"] == 2 and params["arm"] == "gt-only" and params["teacher_weight"] == 0.0
+    assert params["lr"] == 1e-3 and params["schedule"] == cfg.distill.student.schedule
+
+    def row(budget: int, arm: str, psnr: float, name: str | None) -> dict:
+        folder = None
+        if name:
+            folder = tmp_path / "trials" / name
+            folder.mkdir(parents=True)
+            (folder / "policy.json").write_text(json.dumps({"schedule": [0.9, psnr / 100, 0.0]}))
+            (folder / TRAINER_STATE).write_bytes(b"state")
+        return {"params": trial_params(cfg, {"budget": budget, "arm": arm}), "metrics": {"psnr": psnr},
+                "checkpoint": str(folder) if folder else None}
+
+    rows = [row(2, "student", 20.0, "a"), row(2, "student", 21.0, "b"), row(1, "student", 18.0, "c"),
+            row(2, "student", 30.0, None), row(2, "gt-only", 25.0, "d"), row(1, "uniform-student", 17.0, "e")]
+    stage = tmp_path / "stage"
+    best = best_per_budget(rows, "psnr", "max", stage)
+    assert list(best) == [1, 2] and best[2] is rows[1] and best[1] is rows[2]
+    assert best[2]["model_dir"] == str(stage / "best" / "K2") and best[2]["schedule"] == [0.9, 0.21, 0.0]
+    assert (stage / "best" / "K2" / "policy.json").is_file() and not (stage / "best" / "K2" / TRAINER_STATE).exists()
+    assert json.loads((stage / "schedules.json").read_text()) == {"1": [0.9, 0.18, 0.0], "2": [0.9, 0.21, 0.0]}
+    controls = keep_controls(rows, stage)
+    assert {k: sorted(v) for k, v in controls.items()} == {1: ["uniform-student"], 2: ["gt-only"]}
+    assert controls[2]["gt-only"]["model_dir"] == str(stage / "controls" / "K2" / "gt-only")
+    assert not (stage / "controls" / "K1" / "uniform-student" / TRAINER_STATE).exists()
 
 
 def _fake_eval(nfe: int, lpips: list[float], psnr: list[float]) -> dict:

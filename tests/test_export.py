@@ -20,7 +20,7 @@ from fluxir.data import load_image, save_image
 from fluxir.evaluate import restore_image
 from fluxir.export import ExportError, load_export, verify_export
 from fluxir.policy import build_policy, load_policy, save_policy
-from fluxir.pretrain import token_channels
+from fluxir.codec import token_channels
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # max |Δ| in [0, 1] pixel units between fluxir (LoRA unmerged) and diffusers (merged)

@@ -16,7 +16,7 @@ from fluxir.codec import build_codec, image_ids
 from fluxir.config import load_config
 from fluxir.flux_folder import IncompleteModelFolder, TEXT_PARTS, TRAINING_PARTS, missing_files
 from fluxir.policy import build_policy, save_policy
-from fluxir.pretrain import token_channels
+from fluxir.codec import token_channels
 from fluxir.prompts import encode_prompts, load_prompt_cache, task_prompts
 from tests.flux_pipeline import CLIP_DIM, T5_DIM, T5_TOKENS, write_flux_pipeline
 
@@ -166,10 +166,10 @@ def test_colocated_slots_and_precision_are_checked(pipeline, tmp_path):
         slot_resources(heavy, 0)
     with pytest.raises(ConfigError, match="one rollout actor per learner slot"):
         load_config(ROOT / "configs/flux-dev-7task.yaml", ["model.path=/m", "rl.num_rollout_actors=4"])
-    fp32_json = load_config(ROOT / "configs/flux-dev-7task.yaml",
-                            ["model.path=/m", "rl.deepspeed=configs/deepspeed/zero2_cpu.json"])
-    with pytest.raises(ValueError, match="model.dtype=bfloat16 needs a DeepSpeed JSON with bf16.*rl.deepspeed"):
-        learner_ds_config(fp32_json, 8)
+    with pytest.raises(ConfigError, match="model.dtype=bfloat16 needs a DeepSpeed JSON with bf16.*rl.deepspeed"):
+        load_config(ROOT / "configs/flux-dev-7task.yaml", ["model.path=/m", "rl.deepspeed=configs/deepspeed/zero2_cpu.json"])
+    zero3 = load_config(ROOT / "configs/flux-dev-7task.yaml", ["model.path=/m", "rl.deepspeed=configs/deepspeed/zero3_bf16.json"])
+    assert learner_ds_config(zero3, 8)["zero_optimization"]["stage"] == 3  # the JSON alone sets the ZeRO stage
 
 
 @pytest.mark.slow  # ~45 s: one real RL iteration on the flux-dev path; CI runs it (`make test-slow`)

@@ -5,7 +5,7 @@ from diffusers import FluxTransformer2DModel
 
 from fluxir.codec import image_ids
 from fluxir.config import load_config
-from fluxir.policy import (RestorationPolicy, _tiny_transformer, build_policy, load_policy, save_policy,
+from fluxir.policy import (_tiny_transformer, build_policy, load_policy, save_policy,
                            widen_input)
 
 

@@ -42,7 +42,7 @@ def test_paired_table_gives_the_interval_and_the_verdict():
 
 
 def test_each_objective_gets_the_controls_that_isolate_it():
-    from actors.stages import control_configs
+    from actors.pipeline import control_configs
     from fluxir.config import load_config
 
     def names(objective):

@@ -17,7 +17,7 @@ from fluxir.codec import build_codec
 from fluxir.config import load_config
 from fluxir.data import load_image, save_image
 from fluxir.policy import build_policy, save_policy
-from fluxir.pretrain import token_channels
+from fluxir.codec import token_channels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ class Restore:
             self.monkeypatch.setattr(self.module, "load_model", refuse)
         else:
             self.monkeypatch.setattr("fluxir.export.load_export", refuse)
-            self.monkeypatch.setattr("fluxir.cli._load_trained", refuse)
+            self.monkeypatch.setattr("fluxir.policy.load_trained", refuse)
 
 
 @pytest.fixture(params=["policy", "model", "standalone"])

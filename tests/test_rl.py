@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from fluxir import rl
-from fluxir.codec import build_codec
+from fluxir.codec import build_codec, token_channels
 from fluxir.config import load_config
 from fluxir.policy import build_policy
-from fluxir.pretrain import token_channels
-from fluxir.rollouts import column_tensor, read_parquet, schedule_of, to_record_batch, to_tensors, with_scores, write_parquet
+from fluxir.rollouts import (ROLLOUT_COLUMNS, candidate_rows, column_tensor, read_parquet, schedule_of, to_record_batch,
+                             to_tensors, with_scores, write_parquet)
 from fluxir.sampling import sample_trajectory
+from fluxir.seeds import Salt
 from fluxir.weightsync import WeightSyncError, make_weight_set, verify_weight_set
 
 
@@ -80,12 +81,18 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
 
 
-def _rows(k: int, n: int, reward: torch.Tensor) -> dict:
-    return {"input": torch.arange(n).repeat_interleave(k), "task": torch.zeros(n * k, dtype=torch.long),
-            "seed": torch.arange(n).repeat_interleave(k) + 100, "candidate": torch.arange(k).repeat(n),
-            "lq": torch.rand(n * k, 3, 8, 8), "gt": torch.rand(n * k, 3, 8, 8),
+def _sampled(k: int, n: int) -> dict:
+    """What `sample_candidates` returns for n inputs, made up: row r's states are all r."""
+    return {"final": torch.rand(n * k, 3, 8, 8),
             "states": torch.arange(n * k, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).clone(),
-            "log_probs": torch.zeros(n * k, 2), "reward": reward}
+            "log_probs": torch.zeros(n * k, 2), "candidate": torch.arange(k).repeat(n),
+            "noise_seed": torch.arange(n * k) + 2**60}
+
+
+def _rows(k: int, n: int, reward: torch.Tensor) -> dict:
+    inputs = {"lq": torch.rand(n, 3, 8, 8), "gt": torch.rand(n, 3, 8, 8), "task": torch.zeros(n, dtype=torch.long),
+              "seed": torch.arange(n) + 100}
+    return candidate_rows(inputs, _sampled(k, n), k, 0, 0) | {"reward": reward}
 
 
 def test_learner_batch_rsr_takes_selected_rows_and_skips_nan_groups():
@@ -102,12 +109,13 @@ def test_learner_batch_rsr_takes_selected_rows_and_skips_nan_groups():
     assert len(grpo["seed"]) == 4 and "advantage" in grpo
 
 
-def test_check_rl_config_names_the_keys():
-    with pytest.raises(ValueError, match="rl.nfe >= 2"):
-        rl.check_rl_config(smoke("rl.nfe=1", "rl.candidates=2"))
-    with pytest.raises(ValueError, match="rl.kl_weight"):
-        rl.check_rl_config(smoke("rl.objective=grpo", "rl.kl_weight=0.1"))
+def test_stage1_combinations_are_refused_when_the_config_loads():
     from fluxir.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rl.nfe >= 2"):
+        smoke("rl.nfe=1", "rl.candidates=2")
+    with pytest.raises(ConfigError, match="rl.kl_weight"):
+        smoke("rl.objective=grpo", "rl.kl_weight=0.1")
     with pytest.raises(ConfigError, match="rl: .*stochastic_steps"):
         smoke("rl.stochastic_steps=[5]")
 
@@ -142,10 +150,10 @@ def test_candidates_ode_row_is_the_plain_ode(policy_and_codec):
     assert out["candidate"].tolist() == [0, 1, 2] * 3
     # row 0 of input 1 is exactly the ODE from the same start
     from fluxir.codec import image_ids, pack
-    from fluxir.data import mix_seed
-    from fluxir.sampling import initial_state
+    from fluxir.seeds import mix_seed
+    from fluxir.flow import initial_state
     lq_tok = pack(codec.encode(lq[1:2]))
-    start = initial_state(lq_tok, cfg.flow, torch.Generator().manual_seed(mix_seed(22, rl.SALT_START)))
+    start = initial_state(lq_tok, cfg.flow, torch.Generator().manual_seed(mix_seed(22, Salt.RL_START)))
     ode = sample_trajectory(policy, lq_tok, task[1:2], image_ids(16, 16), rl.rl_schedule(cfg), cfg.flow, x_start=start)
     torch.testing.assert_close(out["states"][3, -1], ode.final[0])
     assert out["log_probs"][0::3].abs().sum() == 0  # ODE rows carry no log-prob
@@ -161,10 +169,9 @@ def _scored_rows(policy, codec, cfg, reward=None):
     k = cfg.rl.candidates
     lq, task, seeds = _inputs()
     out = rl.sample_candidates(policy, codec, lq, task, seeds, cfg)
-    rep = lambda x: x.repeat_interleave(k, 0)  # noqa: E731
     reward = -torch.arange(3 * k, dtype=torch.float32) % 5 if reward is None else reward
-    return {"input": rep(torch.arange(3)), "task": rep(task), "seed": rep(seeds), "lq": rep(lq),
-            "gt": rep(lq.flip(-1)), "reward": reward, **out}
+    inputs = {"lq": lq, "gt": lq.flip(-1), "task": task, "seed": seeds}
+    return candidate_rows(inputs, out, k, 0, 0) | {"reward": reward}
 
 
 @pytest.mark.parametrize("objective,k,extra", [("rsr", 3, ()), ("rsr", 1, ()), ("grpo", 3, ()), ("fm", 1, ()),
@@ -201,8 +208,9 @@ def test_stored_log_probs_equal_the_learners_recomputation(policy_and_codec, dty
     policy, codec = policy_and_codec
     policy = copy.deepcopy(policy)
     place(policy, dtype, "cpu")
+    bf16_json = ["pretrain.deepspeed=configs/deepspeed/zero2_bf16.json", "rl.deepspeed=configs/deepspeed/zero2_bf16.json"]
     cfg = smoke("rl.candidates=3", "rl.objective=grpo", "rl.nfe=4", f"model.dtype={dtype}",
-                *([f"rl.window={window}"] if window else []))
+                *([f"rl.window={window}"] if window else []), *(bf16_json if dtype == "bfloat16" else []))
     batch, _ = rl.learner_batch(_scored_rows(policy, codec, cfg), cfg)
     lq_tok = pack(codec.encode(batch["lq"]))
     with torch.no_grad():
@@ -245,7 +253,7 @@ def test_a_window_branches_off_the_ode_and_explores_only_its_steps(policy_and_co
             assert not torch.equal(states[b, j, start + 1], states[b, 0, start + 1])
             assert [bool(x != 0) for x in log_probs[b, j]] == [i == start for i in range(4)]
     with pytest.raises(ValueError, match="rl.window=3"):
-        rl.check_rl_config(smoke("rl.candidates=3", "rl.nfe=3", "rl.window=3"))
+        smoke("rl.candidates=3", "rl.nfe=3", "rl.window=3")
 
 
 def test_rsr_regresses_only_pairs_that_hold_an_explored_step(policy_and_codec):
@@ -254,7 +262,7 @@ def test_rsr_regresses_only_pairs_that_hold_an_explored_step(policy_and_codec):
     cfg = smoke("rl.candidates=3", "rl.nfe=3")
     pairs = rl.informative_pairs(cfg, torch.arange(200))
     assert pairs.shape == (200, 3) and not pairs[:, 2].any()
-    picked = rl.pick_true(pairs, torch.arange(200), rl.SALT_PAIR)
+    picked = rl.pick_true(pairs, torch.arange(200), Salt.RL_PAIR)
     assert set(picked.tolist()) == {0, 1}
 
 
@@ -311,6 +319,49 @@ def test_rollouts_roundtrip_through_parquet(tmp_path):
     np.testing.assert_array_equal(column_tensor(table, "reward")[n:].numpy(), column_tensor(scored, "reward").numpy())
     with pytest.raises(ValueError, match="different row counts"):
         to_record_batch({"input": torch.arange(2), "task": torch.arange(3)}, [1.0, 0.0], [0, 1])
+
+
+def test_candidate_rows_have_the_schemas_arrow_layout():
+    """The Parquet layout of a rollout shard: column names and order, Arrow types, one row per candidate."""
+    n, k = 2, 3
+    inputs = {"lq": torch.rand(n, 3, 8, 8), "gt": torch.rand(n, 3, 8, 8), "task": torch.tensor([4, 1]),
+              "seed": torch.tensor([7, 9])}
+    rows = candidate_rows(inputs, _sampled(k, n), k, version=5, first_index=10)
+    batch = to_record_batch(rows, [1.0, 0.5, 0.0], [0, 1, 2])
+    assert batch.schema.names == ["input", "task", "seed", "candidate", "noise_seed", "version", "lq", "gt", "final",
+                                  "states", "log_probs"] == [c.name for c in ROLLOUT_COLUMNS]
+    assert [str(batch.schema.field(name).type) for name in ("input", "version", "noise_seed")] == ["int64"] * 3
+    assert batch.schema.field("lq").type == pa.fixed_shape_tensor(pa.float32(), [3, 8, 8])
+    assert batch.schema.field("log_probs").type == pa.fixed_shape_tensor(pa.float32(), [2])
+    assert rows["input"].tolist() == [10, 10, 10, 11, 11, 11] and rows["version"].tolist() == [5] * 6
+    assert rows["seed"].tolist() == [7, 7, 7, 9, 9, 9] and torch.equal(rows["gt"][3], inputs["gt"][1])
+    scored = with_scores(batch, {"psnr": torch.rand(6), "ssim": torch.rand(6), "reward": torch.rand(6),
+                                 "lpips": torch.full((6,), float("nan"))})
+    assert scored.schema.names[11:] == ["psnr", "ssim", "reward", "lpips"]
+    assert all(str(scored.schema.field(name).type) == "float" for name in scored.schema.names[11:])
+
+
+def test_a_missing_or_unknown_rollout_column_is_named():
+    n, k = 2, 2
+    inputs = {"lq": torch.rand(n, 3, 8, 8), "gt": torch.rand(n, 3, 8, 8), "task": torch.zeros(n, dtype=torch.long),
+              "seed": torch.arange(n)}
+    sampled = _sampled(k, n)
+    with pytest.raises(ValueError, match="'log_probs' missing"):
+        candidate_rows(inputs, {c: v for c, v in sampled.items() if c != "log_probs"}, k, 0, 0)
+    with pytest.raises(ValueError, match="'extra'"):
+        candidate_rows({**inputs, "extra": torch.zeros(n)}, sampled, k, 0, 0)
+    with pytest.raises(ValueError, match="unknown rollout column 'extra'"):
+        to_record_batch({"extra": torch.zeros(n)}, [1.0, 0.0], [0, 1])
+    batch = to_record_batch(candidate_rows(inputs, sampled, k, 0, 0), [1.0, 0.0], [0, 1])
+    with pytest.raises(ValueError, match="unknown score column 'psnr_db'"):
+        with_scores(batch, {"psnr_db": torch.zeros(n * k)})
+    rows = _rows(k, n, torch.zeros(n * k))
+    with pytest.raises(ValueError, match="'reward' missing"):
+        rl.learner_batch({c: v for c, v in rows.items() if c != "reward"}, smoke("rl.candidates=2"))
+    with pytest.raises(ValueError, match="'final' missing"):
+        rl.learner_batch({c: v for c, v in rows.items() if c != "final"}, smoke("rl.candidates=2", "rl.objective=nft"))
+    with pytest.raises(ValueError, match="unknown rollout column 'advantage'"):
+        rl.learner_batch({**rows, "advantage": torch.zeros(n * k)}, smoke("rl.candidates=2"))
 
 
 # ---------------------------------------------------------------------------------------------

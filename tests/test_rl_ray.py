@@ -17,7 +17,7 @@ import torch
 from fluxir.codec import build_codec
 from fluxir.config import load_config
 from fluxir.policy import build_policy, save_policy
-from fluxir.pretrain import token_channels
+from fluxir.codec import token_channels
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +89,7 @@ def test_two_rank_update_equals_one_rank(ray_session, base):
     from fluxir import rl
     from fluxir.metrics import compute_metrics
     from fluxir.policy import load_policy
+    from fluxir.rollouts import candidate_rows
 
     cfg = _cfg(base, "rl.batch_size=6")
     codec = build_codec(cfg)
@@ -96,9 +97,7 @@ def test_two_rank_update_equals_one_rank(ray_session, base):
     from fluxir.rl_loop import rl_stream
     inputs = rl_stream(cfg).batch(0)
     out = rl.sample_candidates(policy, codec, inputs["lq"], inputs["task"], inputs["seed"], cfg)
-    k = cfg.rl.candidates
-    rows = {key: v.repeat_interleave(k, 0) for key, v in inputs.items()} | out
-    rows["input"] = torch.arange(6).repeat_interleave(k)
+    rows = candidate_rows(inputs, out, cfg.rl.candidates, 0, 0)
     rows["reward"] = rl.combine_reward(compute_metrics(out["final"], rows["gt"]), cfg.rl.reward)
     batch, stats = rl.learner_batch(rows, cfg)
     assert stats["improved_fraction"] > 0  # the step term is exercised too

@@ -7,7 +7,8 @@ from fluxir import flow
 from fluxir.codec import PixelCodec, image_ids, pack, unpack
 from fluxir.config import load_config
 from fluxir.policy import Prediction, build_policy
-from fluxir.sampling import initial_state, pad_to_multiple, restore, restore_tiled, sample_trajectory
+from fluxir.flow import initial_state
+from fluxir.sampling import pad_to_multiple, restore, restore_tiled, sample_trajectory
 
 
 @pytest.fixture(scope="module")
