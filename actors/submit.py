@@ -1,6 +1,6 @@
 """`fluxir submit`: a thin wrapper over the Ray Jobs SDK (what `ray job submit` does, with fluxir's defaults).
 
-It submits `python -m fluxir <command> CONFIG [overrides]` with `cluster/runtime_env.yaml`, prints the
+It submits `python -m actors <command> CONFIG [overrides]` with `cluster/runtime_env.yaml`, prints the
 job id and its dashboard URL, and with `follow` streams the logs and returns the job's exit status.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def load_runtime_env(path: str | Path | None) -> dict:
 
 
 def entrypoint(command: str, config: str, overrides: list[str]) -> str:
-    return shlex.join(["python", "-m", "fluxir", command, config, *overrides])
+    return shlex.join(["python", "-m", "actors", command, config, *overrides])
 
 
 def dashboard_url(address: str, job_id: str) -> str:

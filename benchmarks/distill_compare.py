@@ -32,7 +32,7 @@ def _run(config: str, overrides: list[str], seed: int, reuse: bool) -> Path:
         target = ROOT / cfg.output_dir / testset.name
         if testset.is_dir() and not target.exists():  # the frozen test set, not built again
             shutil.copytree(testset, target)
-        subprocess.run([sys.executable, "-m", "fluxir", "distill", config, *overrides, f"seed={seed}",
+        subprocess.run([sys.executable, "-m", "actors", "distill", config, *overrides, f"seed={seed}",
                         f"output_dir={cfg.output_dir}"], cwd=ROOT, check=True)
     return result
 

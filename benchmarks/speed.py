@@ -206,7 +206,10 @@ def cli_timings(policy_dir: Path, export_dir: Path, photo: Path, repeats: int, c
     """`fluxir restore [flags]` of `photo` end to end: `--policy` at NFE 2, the export at its default budget."""
     budget = json.loads((export_dir / "manifest.json").read_text())["default_budget"]
     out = Path(tempfile.mkdtemp()) / "restored.png"
-    restore = [sys.executable, "-m", "fluxir", "restore", "--task", "denoise", *flags]
+    # `python -m actors` (actors/__main__.py); a `--checkout` from before the command line moved out of
+    # the library has only `python -m fluxir`.
+    module = "actors" if (cwd / "actors" / "__main__.py").is_file() else "fluxir"
+    restore = [sys.executable, "-m", module, "restore", "--task", "denoise", *flags]
     commands = {"policy NFE 2": [*restore, "--policy", str(policy_dir), "--nfe", "2"],
                 f"export default (NFE {budget})": [*restore, "--model", str(export_dir)]}
     result = {}

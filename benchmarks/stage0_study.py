@@ -47,7 +47,7 @@ VARIANTS = {
 def fluxir(*args: str) -> float:
     start = time.perf_counter()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    subprocess.run([sys.executable, "-m", "fluxir", *args], check=True, cwd=ROOT, env=env,
+    subprocess.run([sys.executable, "-m", "actors", *args], check=True, cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 

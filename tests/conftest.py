@@ -18,16 +18,18 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray bound to 127.0.0.1 with 2 CPUs, shut down after the session.
+    """A local Ray bound to 127.0.0.1 with 2 CPUs and 2 logical GPUs, shut down after the session.
 
     The dashboard is on (loopback, any free port) because Ray Train V2's placement-group cleaner
     polls the State API, which the dashboard serves; without it the cleaner logs a warning a second.
+    The GPUs are Ray's bookkeeping only: a task or actor that asks for one is scheduled as on a GPU node
+    and sees a GPU id, while torch finds no CUDA device and computes on the CPU (tests/test_gpu_placement.py).
     """
     import ray
 
     from actors.runtime import init_ray
 
-    init_ray(num_cpus=2, dashboard=True)
+    init_ray(num_cpus=2, num_gpus=2, dashboard=True)
     yield ray
     ray.shutdown()
 
@@ -67,7 +69,7 @@ def cluster_smoke_run(tmp_path_factory):
         head.start()
         job_id = f"fluxir-smoke-{uuid.uuid4().hex[:8]}"
         subprocess.run([head.ray, "job", "submit", "--address", head.address, "--submission-id", job_id, "--no-wait",
-                        "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m", "fluxir", "run",
+                        "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m", "actors", "run",
                         "configs/smoke.yaml", f"output_dir={out}"],
                        cwd=root, env=head.env(), check=True, capture_output=True, timeout=180)
         info = head.wait_for_job(job_id, timeout=600, poll=scrape, every=0.5)
@@ -76,7 +78,7 @@ def cluster_smoke_run(tmp_path_factory):
         result.logs = head.get(f"/api/jobs/{job_id}/logs")["logs"]
         result.actors = [a.get("name") for a in head.get("/api/v0/actors?limit=10000")["data"]["result"]["result"]]
         result.submit = subprocess.run(
-            [sys.executable, "-m", "fluxir", "submit", "configs/smoke.yaml", f"output_dir={out}", "--command",
+            [sys.executable, "-m", "actors", "submit", "configs/smoke.yaml", f"output_dir={out}", "--command",
              "testset", "--address", head.address, "--follow"],
             cwd=root, env=head.env(), capture_output=True, text=True, timeout=300)
     finally:

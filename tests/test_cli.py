@@ -2,12 +2,13 @@
 import json
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
-from fluxir.cli import build_parser, main
+from actors.cli import build_parser, main
 from fluxir.data import save_image
 from fluxir.degradations import TASKS
 
@@ -52,8 +53,12 @@ def test_bad_config_key_exits_2_naming_the_path(capsys):
 
 
 def test_console_script_entry_point():
-    out = subprocess.run([sys.executable, "-m", "fluxir", "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "actors", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "pretrain" in out.stdout
+    # the installed `fluxir` script: an install older than pyproject.toml's [project.scripts] names a moved module
+    script = Path(sysconfig.get_path("scripts")) / "fluxir"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "pretrain" in out.stdout, out.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

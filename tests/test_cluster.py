@@ -62,7 +62,7 @@ def test_rayjob_manifest_uses_only_kuberay_fields():
     assert all(isinstance(v, str) for v in cluster["headGroupSpec"]["rayStartParams"].values())
     # the entrypoint runs fluxir on a config that exists; the runtime env is the same as runtime_env.yaml's
     args = spec["entrypoint"].split()
-    assert args[:4] == ["python", "-m", "fluxir", "run"] and (ROOT / args[4]).is_file()
+    assert args[:4] == ["python", "-m", "actors", "run"] and (ROOT / args[4]).is_file()
     embedded = yaml.safe_load(spec["runtimeEnvYAML"])
     local = load_runtime_env(CLUSTER / "runtime_env.yaml")
     assert embedded["env_vars"] == local["env_vars"] and embedded["excludes"] == local["excludes"]
@@ -79,7 +79,7 @@ def test_runtime_env_uses_only_ray_fields():
 
 def test_submit_entrypoint_quotes_overrides():
     assert entrypoint("run", "configs/tiny.yaml", ["name=my run", "rl.iterations=3"]) == (
-        "python -m fluxir run configs/tiny.yaml 'name=my run' rl.iterations=3")
+        "python -m actors run configs/tiny.yaml 'name=my run' rl.iterations=3")
 
 
 def test_submit_without_a_cluster_is_one_line():
@@ -90,7 +90,7 @@ def test_submit_without_a_cluster_is_one_line():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    proc = subprocess.run([sys.executable, "-m", "fluxir", "submit", "configs/smoke.yaml", "--address",
+    proc = subprocess.run([sys.executable, "-m", "actors", "submit", "configs/smoke.yaml", "--address",
                            f"http://127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
@@ -131,7 +131,7 @@ def test_stage_gauges_keep_their_latest_value_until_the_stage_closes(monkeypatch
 def test_ray_job_submit_of_the_smoke_config_succeeds(cluster_smoke_run):
     r = cluster_smoke_run
     assert r.status == "SUCCEEDED", f"job {r.status}:\n{r.logs[-4000:]}"
-    assert r.job["entrypoint"].startswith("python -m fluxir run configs/smoke.yaml")
+    assert r.job["entrypoint"].startswith("python -m actors run configs/smoke.yaml")
     assert "# fluxir run `smoke`" in r.logs and "## Stage 1: RL trajectory optimisation" in r.logs
     assert f"report: {r.run_dir / 'report.md'}" in r.logs
 

@@ -29,7 +29,7 @@ def _resize(mount: Path, kib: int) -> None:
 
 def _fluxir(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "fluxir", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "actors", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxir.cli import main
+from actors.cli import main
 from fluxir.codec import build_codec
 from fluxir.config import load_config
 from fluxir.data import load_image, save_image

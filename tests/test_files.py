@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fluxir import files
-from fluxir.cli import main
+from actors.cli import main
 from fluxir.files import LOCK_FILE, RunFolderBusy, lock_run_folder, release_run_folder, write_error
 
 ROOT = Path(__file__).resolve().parents[1]

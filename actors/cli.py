@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (Tuner.restore)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("submit", help="submit `python -m fluxir <command> CONFIG` to a Ray cluster (Jobs API)")
+    p = sub.add_parser("submit", help="submit `python -m actors <command> CONFIG` to a Ray cluster (Jobs API)")
     _add_config(p)
     p.add_argument("--address", help="dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
     p.add_argument("--command", default="run",
