@@ -3,11 +3,14 @@
 `fluxir distill` runs, per step budget, the student with `distill.student`'s settings and (with
 `distill.controls`) its controls as a grid of trials; `fluxir sweep` runs a search space
 (configs/sweeps/distill.yaml) with ASHA pruning on a validation metric, then the controls of each budget's
-best student. The driver computes what the trials share with `fluxir.teacher.prepare` and hands it to
-them through the object store (`tune.with_parameters`). Each trial (`distill_trial`) trains with
-`fluxir.distill.distill` and reports validation metrics with a checkpoint every `eval_every` steps, so a
-stopped experiment resumes with `Tuner.restore`. The trial rows read from Tune's results go to
-`fluxir.students`, which keeps the best students and the controls and picks the export default.
+best student. What the trials share comes from `fluxir.teacher.prepare`, whose model work runs as Ray
+tasks holding `distill.teacher_resources` (`teacher_side`; the trajectories in `distill.teacher_shards`
+tasks at once), and reaches them through the object store (`tune.with_parameters`). Each trial
+(`distill_trial`, holding `distill.trial_resources`) places the student on its accelerator (its GPU on a
+GPU cluster, in `model.dtype`), trains with `fluxir.distill.distill` and reports validation metrics with a
+checkpoint every `eval_every` steps, so a stopped experiment resumes with `Tuner.restore`. The trial rows
+read from Tune's results go to `fluxir.students`, which keeps the best students and the controls and picks
+the export default.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from fluxir import distill as D
+from fluxir.accel import place
 from fluxir.codec import build_codec, token_channels
 from fluxir.config import Config, StudentConfig, config_from_dict
 from fluxir.policy import build_policy
@@ -29,7 +33,8 @@ from fluxir.students import (best_per_budget, distinct_trial, export_choice, kee
                              save_trial_state, selection_metric, trial_arms, trial_params)
 from fluxir.teacher import prepare, validation_lpips
 
-from actors.runtime import check_resources, init_ray, threads_for
+from actors.placement import join_ray, ray_tasks
+from actors.runtime import threads_for
 from actors.tracking import DISTILL_GAUGES, StageMetrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ def distill_trial(params: dict, shared: dict) -> None:
     codec = build_codec(cfg)
     policy = build_policy(cfg, token_channels(codec))
     policy.load_trainable_state_dict(shared["teacher_state"])
+    device = place(codec, cfg.model.dtype, place(policy, cfg.model.dtype))  # the trial's GPU, if Ray gave it one
     resume, checkpoint = {}, tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -66,7 +72,7 @@ def distill_trial(params: dict, shared: dict) -> None:
 
     with gauges:
         D.distill(policy, codec, cfg, shared["calibration"], shared["validation"], init, settings, report,
-                  lpips_net=validation_lpips(cfg), seed=cfg.seed, **resume)
+                  lpips_net=validation_lpips(cfg, device), seed=cfg.seed, **resume)
 
 
 def search_space(spec: dict) -> dict:
@@ -92,9 +98,7 @@ def run_trials(cfg: Config, shared: dict, stage_dir: Path, param_space: dict, sc
     # Every report carries a checkpoint and every checkpoint forces an experiment snapshot (that is what
     # makes `--resume` exact); Tune warns about that frequency, which is intended here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
-    check_resources("stage 2", [("distill.trial_resources", cfg.distill.trial_resources, 1)],
-                    autoscaling=cfg.ray.autoscaling)
+    join_ray(cfg, "stage 2", [("distill.trial_resources", cfg.distill.trial_resources, 1)])
     trainable = tune.with_resources(tune.with_parameters(distill_trial, shared=shared),
                                     tune.PlacementGroupFactory([dict(cfg.distill.trial_resources)]))
     path = (stage_dir / name).resolve()
@@ -133,11 +137,17 @@ def trial_rows(grid, cfg: Config, metric: str) -> list[dict]:
     return rows
 
 
+def teacher_side(cfg: Config, stage_dir: Path, resume: bool) -> dict:
+    """`fluxir.teacher.prepare` with its model work as Ray tasks, each holding `distill.teacher_resources`."""
+    join_ray(cfg, "stage 2", [("distill.teacher_resources", cfg.distill.teacher_resources, 1)])
+    return prepare(cfg, stage_dir, resume, tasks=ray_tasks(cfg.distill.teacher_resources))
+
+
 def run_distill(cfg: Config, stage: str = "distill", resume: bool = False) -> dict:
     """Per budget a student with `distill.student`'s settings, and (`distill.controls`) its controls."""
     stage_dir = cfg.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    shared = prepare(cfg, stage_dir, resume)
+    shared = teacher_side(cfg, stage_dir, resume)
     specs = [spec for k in cfg.distill.budgets for arm in trial_arms(cfg)
              if distinct_trial(cfg, shared, spec := {"budget": k, "arm": arm})]
     metric, mode = selection_metric(cfg)
@@ -145,7 +155,8 @@ def run_distill(cfg: Config, stage: str = "distill", resume: bool = False) -> di
                       resume=resume)
     rows = trial_rows(grid, cfg, metric)
     best = best_per_budget(rows, metric, mode, stage_dir)
-    choice = export_choice(cfg, shared, best, metric, stage_dir)
+    # export_choice scores each best student on the validation crops: one more task with the teacher's resources
+    choice = ray_tasks(cfg.distill.teacher_resources)(export_choice, [(cfg, shared, best, metric, stage_dir)])[0]
     return {"shared": shared, "rows": rows, "best": best, "controls": keep_controls(rows, stage_dir),
             "stage_dir": str(stage_dir), "metric": metric, "choice": choice}
 
@@ -155,7 +166,7 @@ def run_sweep(cfg: Config, sweep, stage: str = "sweep", resume: bool = False) ->
     then (`distill.controls`) each best student's controls with its exact settings and seed."""
     stage_dir = cfg.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    shared = prepare(cfg, stage_dir, resume)
+    shared = teacher_side(cfg, stage_dir, resume)
     space = {**search_space(sweep.space), "steps": sweep.steps, "eval_every": sweep.eval_every}
     scheduler = None
     if sweep.asha:

@@ -113,8 +113,8 @@ class LearnerActor:
             per, logs = torch.zeros(0), {}
             loss = sum(p.sum() for p in params) * 0.0
         stats = torch.tensor([float(per.sum().detach()) if hi > lo else 0.0, float(hi - lo),
-                              0.0 if torch.isfinite(loss.detach()) else 1.0])
-        dist.all_reduce(stats)
+                              0.0 if torch.isfinite(loss.detach()) else 1.0], device=self.engine.device)
+        dist.all_reduce(stats)  # on the engine's device: NCCL reduces only GPU tensors
         if stats[2] > 0:
             raise NonFiniteLossError(f"non-finite RL loss at iteration {iteration} (rank {self.rank} logs {logs}; "
                                      f"{int(stats[2])} rank(s) affected); no update applied")

@@ -9,8 +9,9 @@
 - `sweep_stage`: stage 2's search (ASHA over a sweep YAML) with the same test-set evaluation.
 - `run_pipeline`: all of it, then the held-out photo, the report, wandb and the export.
 
-The command line (fluxir/cli.py) parses arguments and calls these; the math and the report text live in
-`fluxir/` (evaluate, report, export), which never imports Ray.
+The command line (actors/cli.py) parses arguments and calls these; the math and the report text live in
+`fluxir/` (evaluate, report, export), which never imports Ray. Every evaluation runs as a Ray task holding
+`eval.resources` (`on_eval_worker`), not in the driver.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from actors.distill import run_distill, run_sweep
+from actors.placement import join_ray, ray_tasks
 from actors.pretrain import run_pretrain
 from actors.rl import run_rl
 from actors.tracking import Tracker
@@ -27,6 +29,15 @@ from fluxir.evaluate import evaluate_folder, evaluate_reusing
 from fluxir.export import export_summary, replace_run_export
 from fluxir.flow import uniform_schedule
 from fluxir.rl import REWARD_OBJECTIVES, init_dir
+
+
+def on_eval_worker(cfg: Config, evaluation, *args, **kwargs):
+    """`evaluation(cfg, *args, **kwargs)` (`fluxir.evaluate.evaluate_folder` or `evaluate_reusing`) as a Ray
+    task holding `eval.resources`: a GPU worker on a GPU cluster. Its noise comes from seeded CPU generators,
+    so where it runs does not change the numbers."""
+    join_ray(cfg, "evaluation", [("eval.resources", cfg.eval.resources, 1)])
+    return ray_tasks(cfg.eval.resources)(evaluation, [(cfg, *args)], **kwargs)[0]
+
 
 # ---------------------------------------------------------------------------------------------
 # Stage 0
@@ -74,9 +85,9 @@ def rl_stage(cfg: Config, command: str, base_eval: dict | None = None) -> tuple[
     if cfg.rl.controls:
         for stage, variant in control_configs(cfg, runs["rl"]["loop_seconds"]).items():
             runs[stage] = run_rl(variant, stage)
-    evals = {"base": base_eval or evaluate_folder(cfg, init_dir(cfg))[0]}
+    evals = {"base": base_eval or on_eval_worker(cfg, evaluate_folder, init_dir(cfg))[0]}
     for stage, run in runs.items():
-        evals[stage] = evaluate_folder(cfg, Path(run["model_dir"]), keep_images=stage == "rl")[0]
+        evals[stage] = on_eval_worker(cfg, evaluate_folder, Path(run["model_dir"]), keep_images=stage == "rl")[0]
     plot = report.write_gap_plot(cfg.run_dir / "rl_gap.png", {s: r["history"] for s, r in runs.items()})
     slim = {stage: report.without(e, "images") for stage, e in evals.items()}
     report.write_json(cfg.run_dir / "rl_eval.json",
@@ -96,12 +107,14 @@ def stage2_evals(cfg: Config, out: dict, known: dict | None) -> dict:
     teacher = Path(shared["teacher_dir"])
     schedules = {n: uniform_schedule(n, cfg.flow.t_start) for n in sorted(set(d.curve_nfe) | set(d.budgets))}
     schedules[d.teacher_nfe] = shared["validation"].schedule
-    curve = evaluate_reusing(cfg, teacher, schedules, known)
-    evals = {"teacher": curve, **{kind: evaluate_reusing(cfg, teacher, dict(shared["schedules"][kind]), curve)
-                                  for kind in ("shifted", "searched")}}
+    curve = on_eval_worker(cfg, evaluate_reusing, teacher, schedules, known)
+    evals = {"teacher": curve}
+    for kind in ("shifted", "searched"):
+        evals[kind] = on_eval_worker(cfg, evaluate_reusing, teacher, dict(shared["schedules"][kind]), curve)
 
     def trained(row: dict) -> dict:
-        return evaluate_folder(cfg, Path(row["model_dir"]), schedules={row["params"]["budget"]: row["schedule"]})[0]
+        return on_eval_worker(cfg, evaluate_folder, Path(row["model_dir"]),
+                              schedules={row["params"]["budget"]: row["schedule"]})[0]
 
     evals["students"] = {k: trained(row) for k, row in out["best"].items()}
     evals["controls"] = {k: {arm: trained(row) for arm, row in arms.items()} for k, arms in out["controls"].items()}
@@ -162,7 +175,8 @@ def publish(cfg: Config, stage: str, evals: dict[str, dict], images: dict[str, P
 
 def heldout_stage(cfg: Config, policies: dict[str, Path], command: str) -> tuple[str, dict]:
     """The policies on the held-out photo (no split trains or selects on it): (section, evals)."""
-    evals = {name: evaluate_folder(cfg, folder, split="heldout")[0] for name, folder in policies.items()}
+    evals = {name: on_eval_worker(cfg, evaluate_folder, folder, split="heldout")[0]
+             for name, folder in policies.items()}
     return report.heldout_section(evals, command), evals
 
 
@@ -177,7 +191,7 @@ def run_pipeline(cfg: Config, command: str) -> Path:
     trained = pretrain_stage(cfg)
     base_dir = Path(trained["model_dir"])
     print(f"[2/5] evaluating the stage-0 base on the frozen test set at NFE {cfg.eval.nfe}")
-    base, testset = evaluate_folder(cfg, base_dir)
+    base, testset = on_eval_worker(cfg, evaluate_folder, base_dir)
     controls = " with its equal-time controls" if cfg.rl.controls else ""
     print(f"[3/5] stage 1: RL ({cfg.rl.objective}, {cfg.rl.iterations} iterations){controls}")
     rl_text, evals = rl_stage(cfg, command, base_eval=base)

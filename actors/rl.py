@@ -95,10 +95,12 @@ class RewardWorker:
         from fluxir.accel import runtime_device
         from fluxir.config import config_from_dict
         from fluxir.metrics import load_lpips
+        from fluxir.rewards import load_terms
 
         torch.set_num_threads(threads)
         self.cfg = config_from_dict(config)
         self.lpips = load_lpips() if self.cfg.rl.reward.lpips > 0 else None  # LPIPSUnavailable names the fix
+        self.terms = load_terms(self.cfg.rl.reward)  # plug-ins, from this worker's rl.reward_runtime_env
         self.device = runtime_device()  # the GPU when the worker was given one (rl.reward_resources)
         if self.lpips is not None:
             self.lpips.to(self.device)
@@ -112,8 +114,8 @@ class RewardWorker:
         from fluxir.rollouts import REWARD_READS, check_columns, column_tensor, with_scores
 
         check_columns(batch.schema.names, REWARD_READS, "reward worker")
-        final, gt = (column_tensor(batch, name) for name in REWARD_READS)
-        return with_scores(batch, score_columns(final, gt, self.cfg.rl.reward, self.lpips, self.device))
+        rows = {name: column_tensor(batch, name) for name in REWARD_READS}
+        return with_scores(batch, score_columns(rows, self.cfg.rl.reward, self.lpips, self.device, self.terms))
 
 
 def rl_roles(cfg) -> list[tuple[str, dict[str, float], int]]:
@@ -164,7 +166,8 @@ class RLSystem:
         self.rollouts = [self._actor(RolloutActor, f"rollout-{i}", rl.rollout_resources, i, config, str(init_dir), i,
                                      threads_for(rl.rollout_resources)) for i in range(rl.num_rollout_actors)]
         self.rewards = [self._actor(RewardWorker, f"reward-{i}", rl.reward_resources, i, config,
-                                    threads_for(rl.reward_resources)) for i in range(rl.num_reward_workers)]
+                                    threads_for(rl.reward_resources), runtime_env=rl.reward_runtime_env)
+                        for i in range(rl.num_reward_workers)]
         self.learners = None
         try:
             self.learners = LearnerGroup(cfg, init_dir, slots=self.slots)
@@ -173,29 +176,43 @@ class RLSystem:
             self.shutdown()  # nothing half-started keeps holding the cluster's resources
             raise
         self.weights_ref = None
+        self.pending = []
         self.version = 0
         self.restarts = 0
 
-    def _actor(self, cls, name, resources, slot: int, *args):
+    def _actor(self, cls, name, resources, slot: int, *args, runtime_env: dict | None = None):
         """A restartable actor; when colocated, pinned to bundle `slot` (a restart comes back to it)."""
-        placement = {}
+        options = {"runtime_env": runtime_env} if runtime_env else {}
         if self.slots is not None:
-            placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self.slots, placement_group_bundle_index=slot)
         return cls.options(name=name, **actor_options(resources), max_restarts=self.cfg.rl.max_restarts,
-                           max_task_retries=0, **placement).remote(*args)
+                           max_task_retries=0, **options).remote(*args)
 
     # --- weight sync ---------------------------------------------------------------------------
-    def sync(self, version: int) -> int:
-        """Ship the learner's trainable tensors as `WeightSet(version)` to every rollout actor; bytes sent."""
+    def sync(self, version: int, wait: bool = True) -> int:
+        """Ship the learner's trainable tensors, in the rollout actors' dtype (`model.dtype`), as
+        `WeightSet(version)` to every rollout actor; bytes sent.
+
+        With `wait` False (overlapped stage 1) the loads are queued behind each actor's running rollout
+        and confirmed by the next sync (`settle`); a rollout issued after this call samples the new version.
+        """
+        from fluxir.accel import DTYPES
         from fluxir.weightsync import make_weight_set
 
-        weights = make_weight_set(self.learners.get_weights(), version)
+        self.settle()
+        weights = make_weight_set(self.learners.get_weights(), version, DTYPES[self.cfg.model.dtype])
         self.weights_ref, self.version = ray.put(weights), version
-        sent = [a.set_weights.remote(self.weights_ref) for a in self.rollouts]  # all at once
-        for i, ref in enumerate(sent):
-            self.push_weights(i, ref)
+        self.pending = [a.set_weights.remote(self.weights_ref) for a in self.rollouts]  # all at once
+        if wait:
+            self.settle()
         return weights.num_bytes
+
+    def settle(self) -> None:
+        """Wait for the weight loads of the last sync (re-syncing an actor that restarted meanwhile)."""
+        pending, self.pending = self.pending, []
+        for i, ref in enumerate(pending):
+            self.push_weights(i, ref)
 
     def push_weights(self, i: int, sent=None) -> None:
         """Make sure rollout-i holds the current weights (waiting out a restart)."""
@@ -208,20 +225,26 @@ class RLSystem:
         self.push_weights(i)
 
     # --- one iteration's rollouts and rewards ----------------------------------------------------
-    def rollout_and_score(self, inputs: dict, first_index: int, on_issued=None) -> tuple[list, dict]:
-        """Scored record batches in input order, with timings (rollout_s until the last rollout is in,
-        reward_s the scoring tail after it; scoring of early shards overlaps later rollouts) and
-        fault counters (`ShardTasks.counts`)."""
+    def issue(self, inputs: dict, first_index: int, on_issued=None) -> "ShardTasks":
+        """Send the rollouts of `inputs` (one shard per rollout actor) and their scoring."""
         tasks = ShardTasks(self, inputs, first_index)
-        t0 = time.perf_counter()
         tasks.issue()
         if on_issued:
             on_issued(self)
+        return tasks
+
+    def collect(self, tasks: "ShardTasks") -> tuple[list, dict]:
+        """Scored record batches in input order, with timings and fault counters (`ShardTasks.counts`):
+        rollout_s is the wait from the later of the issue and this call until the last rollout is in
+        (a rollout issued one iteration ahead and already done costs nothing), reward_s the scoring tail
+        after it (scoring of early shards overlaps later rollouts)."""
+        t0 = time.perf_counter()
+        waited_from = max(t0, tasks.issued_at)
         for i in tasks:
             tasks.wait_rollout(i)
         t1 = time.perf_counter()
         results = [tasks.result(i) for i in tasks]
-        return results, {**tasks.counts, "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+        return results, {**tasks.counts, "rollout_s": max(t1 - waited_from, 0.0), "reward_s": time.perf_counter() - t1}
 
     def shutdown(self) -> None:
         if self.learners is not None:
@@ -239,7 +262,8 @@ class ShardTasks:
     `issue()` sends them all; `wait_rollout(i)` and `result(i)` wait for shard i's rollout and scored batch,
     issuing the work again after its actor restarted or when the rollout's policy lags the current version
     by more than `rl.max_staleness`, up to `rl.max_restarts + 2` attempts each. `counts` holds how many
-    tasks were issued again after a restart (reissued) and how many rollouts were too stale (stale).
+    tasks were issued again after a restart (reissued), how many rollouts were too stale (stale) and the
+    largest lag accepted (staleness: policy versions between the sampling policy and the learner's).
     """
 
     def __init__(self, system: RLSystem, inputs: dict, first_index: int):
@@ -248,8 +272,9 @@ class ShardTasks:
         self.shards = {i: ({k: v[b[0]:b[-1] + 1] for k, v in inputs.items()}, first_index + int(b[0]))
                        for i, b in enumerate(bounds) if len(b)}
         self.attempts = system.cfg.rl.max_restarts + 2
-        self.counts = {"reissued": 0, "stale": 0}
+        self.counts = {"reissued": 0, "stale": 0, "staleness": 0}
         self.rollouts, self.scores = {}, {}
+        self.issued_at = float("-inf")
 
     def __iter__(self):
         """The indices of the non-empty shards, in input order."""
@@ -257,6 +282,7 @@ class ShardTasks:
 
     def issue(self) -> None:
         """Every shard's rollout, then every shard's scoring chained on it."""
+        self.issued_at = time.perf_counter()
         self.rollouts = {i: self.system.rollouts[i].rollout.remote(*shard) for i, shard in self.shards.items()}
         for i in self.rollouts:
             self._score(i)
@@ -276,6 +302,7 @@ class ShardTasks:
             else:
                 lag = system.version - int(column_tensor(batch, "version").min())
                 if lag <= system.cfg.rl.max_staleness:
+                    self.counts["staleness"] = max(self.counts["staleness"], lag)
                     return
                 self.counts["stale"] += 1
                 log.warning("rollout-%d sampled with a policy %d version(s) old > rl.max_staleness; re-syncing",
@@ -420,9 +447,10 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
         system.sync(state["version"])
         stream, metrics, tracker = rl_stream(cfg), rl_metrics(stage), Tracker(cfg, stage, stage_dir)
         bar = _progress(cfg, state["iteration"], stage) if show_progress else None
+        ahead = None  # rl.async: the next iteration's rollouts, issued before this iteration's update
         while not _finished(cfg, state):
-            record = _iteration(cfg, system, stream, state["iteration"], on_issued,
-                                stage_dir / "rollouts" if write_rollouts else None)
+            record, ahead = _iteration(cfg, system, stream, state["iteration"], on_issued,
+                                       stage_dir / "rollouts" if write_rollouts else None, ahead)
             state = {**state, "iteration": record["iteration"], "version": system.version,
                      "loop_seconds": state["loop_seconds"] + record["iteration_s"],
                      "history": state["history"] + [record]}
@@ -447,29 +475,43 @@ def run_rl(cfg, stage: str = "rl", init_dir: str | Path | None = None, show_prog
             "seconds": time.perf_counter() - started, "history": state["history"]}
 
 
-def _iteration(cfg, system: RLSystem, stream, it: int, on_issued, rollout_dir: Path | None) -> dict:
+def _iteration(cfg, system: RLSystem, stream, it: int, on_issued, rollout_dir: Path | None,
+               issued: ShardTasks | None = None) -> tuple[dict, ShardTasks | None]:
     """Issue the rollouts → score them → learn (`rl.updates_per_rollout` updates) → sync the new weights, for
-    data cursor `it`; the iteration's record."""
-    from fluxir.rl import REWARD_OBJECTIVES, learner_batch, reseeded
+    data cursor `it`: (the iteration's record, the rollouts issued for iteration it + 1 or None).
+
+    With `rl.async` the rollouts of iteration it + 1 are issued once this iteration's are in, so they run
+    while the learners update (sampled by the policy one version behind), and the sync does not wait for
+    the actors: `issued` are the rollouts the previous iteration issued for this one.
+    """
+    from fluxir.rl import REWARD_OBJECTIVES, NoValidRollouts, learner_batch, reseeded
     from fluxir.rollouts import to_tensors, write_parquet
 
     t_iter = time.perf_counter()
-    inputs = stream.batch(it)
-    batches, faults, sel, batch = [], {}, {}, inputs  # fm, reward_backprop: the inputs alone, no rollouts
+    inputs, size = stream.batch(it), cfg.rl.batch_size
+    batches, faults, sel, batch, ahead = [], {}, {}, inputs, None  # fm, reward_backprop: the inputs, no rollouts
     if cfg.rl.objective in REWARD_OBJECTIVES:
-        batches, faults = system.rollout_and_score(inputs, it * cfg.rl.batch_size, on_issued)
-        batch, sel = learner_batch(to_tensors(batches), cfg)
+        batches, faults = system.collect(issued or system.issue(inputs, it * size, on_issued))
+        if cfg.rl.async_ and (cfg.rl.iterations is None or it + 1 < cfg.rl.iterations):
+            ahead = system.issue(stream.batch(it + 1), (it + 1) * size, on_issued)
+        try:
+            batch, sel = learner_batch(to_tensors(batches), cfg)
+        except NoValidRollouts as err:  # e.g. a plug-in reward term failed on every row: counted, no update
+            log.warning("iteration %d takes no update: %s", it + 1, err)
+            batch, sel = None, err.stats
     t_learn = time.perf_counter()
-    for update in range(cfg.rl.updates_per_rollout):
+    logs = {"loss": float("nan")}
+    for update in range(cfg.rl.updates_per_rollout if batch is not None else 0):
         logs = system.learners.update(reseeded(batch, update), it)
     t_sync = time.perf_counter()
-    sent = system.sync(system.version + 1)
+    sent = system.sync(system.version + 1, wait=not cfg.rl.async_)
     t_end = time.perf_counter()
     if rollout_dir is not None and batches:
         write_parquet(batches, rollout_dir / f"iter_{it:08d}.parquet")
-    return {"iteration": it + 1, "version": system.version, **sel, **logs, **faults,
-            "rollouts": sum(b.num_rows for b in batches), "learn_s": t_sync - t_learn, "sync_s": t_end - t_sync,
-            "sync_bytes": sent, "iteration_s": time.perf_counter() - t_iter, "restarts": system.restarts}
+    record = {"iteration": it + 1, "version": system.version, **sel, **logs, **faults,
+              "rollouts": sum(b.num_rows for b in batches), "learn_s": t_sync - t_learn, "sync_s": t_end - t_sync,
+              "sync_bytes": sent, "iteration_s": time.perf_counter() - t_iter, "restarts": system.restarts}
+    return record, ahead
 
 
 def _finish(cfg, system: RLSystem, stage: str, stage_dir: Path, state: dict) -> Path:

@@ -30,7 +30,7 @@ def candidates_rewards(cfg, policy, codec, lpips, batches: int) -> torch.Tensor:
         inputs = stream.batch(it)
         cand = rl.sample_candidates(policy, codec, inputs["lq"], inputs["task"], inputs["seed"], cfg)
         rows = candidate_rows(inputs, cand, cfg.rl.candidates, 0, it * cfg.rl.batch_size)
-        reward = rl.score_columns(rows["final"], rows["gt"], cfg.rl.reward, lpips)["reward"]
+        reward = rl.score_columns(rows, cfg.rl.reward, lpips)["reward"]
         out.append(reward.view(-1, cfg.rl.candidates))
     return torch.cat(out).double()
 

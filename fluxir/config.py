@@ -226,6 +226,8 @@ class EvalConfig(Strict):
     overlap: int = Field(8, ge=0)
     lpips: bool = True
     grid_samples: int = Field(4, ge=1)  # before/after rows per task in the report
+    # The Ray task that scores a policy in `fluxir run`, `distill` and `sweep` (a GPU worker on a GPU cluster)
+    resources: dict[str, float] = {"CPU": 1}
 
     @field_validator("nfe")
     @classmethod
@@ -235,8 +237,23 @@ class EvalConfig(Strict):
         return v
 
 
+class RewardTerm(Strict):
+    """A plug-in reward term: `function` ("package.module:function") maps a batch (restored, lq, gt: (B, 3, H, W)
+    in [0, 1]; task: (B,) ids) to B scores, higher is better; the reward adds weight × score."""
+    function: str
+    weight: float = 1.0
+
+    @field_validator("function")
+    @classmethod
+    def _importable_form(cls, v: str) -> str:
+        module, _, name = v.partition(":")
+        if not module or not name.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+            raise ValueError(f"{v!r} is not of the form package.module:function")
+        return v
+
+
 class RewardConfig(Strict):
-    """reward = psnr·PSNR(dB) + ssim·SSIM − lpips·LPIPS, per candidate against GT
+    """reward = psnr·PSNR(dB) + ssim·SSIM − lpips·LPIPS + Σ weight·term, per candidate
     (docs/ARCHITECTURE.md, "Stage 1").
 
     Scale guide: 1 dB PSNR ~ 0.02 SSIM ~ 0.01 LPIPS on the tiny test crops.
@@ -247,17 +264,26 @@ class RewardConfig(Strict):
     # LPIPS sees crops of at least this size (smaller ones are upsampled bilinearly): at 32 px AlexNet's
     # deeper feature maps are 1×1 and the distance is mostly colour statistics
     lpips_min_size: int = Field(LPIPS_MIN_SIZE, ge=32)
+    # Plug-in terms by name (no-reference IQA, task metrics, a judge behind a server), loaded in the reward
+    # workers; a term that raises or returns non-finite or misshapen scores makes those rows' reward NaN:
+    # their inputs are skipped and counted per term.
+    terms: dict[str, RewardTerm] = {}
+    chunk: int = Field(64, ge=1)  # rows scored at a time (float32): memory does not grow with the shard
 
     @model_validator(mode="after")
     def _check(self) -> "RewardConfig":
-        if self.psnr == self.ssim == self.lpips == 0:
-            raise ValueError("at least one reward weight must be positive")
+        clash = sorted(set(self.terms) & {"psnr", "ssim", "lpips", "reward"})
+        if clash:
+            raise ValueError(f"reward terms {clash} clash with the built-in scores; name them otherwise")
+        if self.psnr == self.ssim == self.lpips == 0 and not any(t.weight for t in self.terms.values()):
+            raise ValueError("at least one reward weight must be non-zero")
         return self
 
 
 class RLConfig(Strict):
     """Stage 1: rollout actors, reward workers and a DeepSpeed learner group on Ray
     (docs/ARCHITECTURE.md, "Stage 1")."""
+    model_config = ConfigDict(**Strict.model_config, validate_by_name=True, serialize_by_alias=True)
     # rsr: the paper's reward-selected regression; grpo: PPO-clipped ratio of stochastic steps; nft:
     # likelihood-free reward-weighted flow matching on the policy's own samples; fm: plain flow matching
     # (a control); reward_backprop: the reward's gradient through the sampler (a control)
@@ -301,12 +327,19 @@ class RLConfig(Strict):
     # an iteration run one after another). On a cluster: e.g. {"CPU": 4, "GPU": 1} per learner.
     rollout_resources: dict[str, float] = {"CPU": 0.4}
     reward_resources: dict[str, float] = {"CPU": 0.2}
+    # Ray runtime_env of the reward workers alone: what the plug-in terms of rl.reward.terms import (pip
+    # packages, py_modules by URI, env_vars), without installing it into every other actor.
+    reward_runtime_env: dict[str, Any] | None = None
     learner_resources: dict[str, float] = {"CPU": 0.5}
     # Colocate: slot i = one placement-group bundle (one GPU on a cluster) holding learner-i, rollout-i and,
     # for i < num_reward_workers, reward-i, each with its fraction of the slot's GPU. The phases of an
     # iteration run one after another, so sharing every GPU beats splitting GPUs between roles.
     colocate: bool = False
     max_staleness: int = Field(0, ge=0)  # policy versions a rollout may lag the learner
+    # Overlapped stage 1: the rollouts of iteration i+1 run while the learners update on iteration i (sampled
+    # by the policy one version behind: needs max_staleness >= 1); grpo's ratio is taken against the
+    # log-probs of the policy version that sampled each row. Written `rl.async` in YAML and overrides.
+    async_: bool = Field(False, alias="async")
     max_restarts: int = Field(3, ge=0)  # rollout / reward actors
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -331,6 +364,15 @@ class RLConfig(Strict):
             raise ValueError(f"rl.shuffle_rewards has no rewards to shuffle with objective={self.objective}")
         if self.iterations is None and self.max_seconds is None:
             raise ValueError("rl.iterations=null needs rl.max_seconds (something has to stop the run)")
+        local = [m for m in (self.reward_runtime_env or {}).get("py_modules", []) if "://" not in str(m)]
+        if local:
+            raise ValueError(f"rl.reward_runtime_env.py_modules {local}: an actor's runtime_env takes packages by URI "
+                             f"(s3://, gs://, https://...zip) or pip; ship local folders with the job's runtime_env "
+                             f"(`ray job submit --runtime-env`, cluster/runtime_env.yaml) or, on one node, "
+                             f"env_vars: {{PYTHONPATH: folder}}")
+        if self.async_ and self.max_staleness < 1:
+            raise ValueError("rl.async samples with the policy one version behind the learner: it needs "
+                             f"rl.max_staleness >= 1 (got {self.max_staleness})")
         return self
 
 
@@ -374,6 +416,11 @@ class DistillConfig(Strict):
     controls: bool = True
     curve_nfe: list[int] = [1, 2, 4, 8]  # the teacher's quality-vs-NFE curve (plus teacher_nfe)
     trial_resources: dict[str, float] = {"CPU": 1}
+    # The teacher's side runs as Ray tasks holding teacher_resources each: its trajectories in teacher_shards
+    # tasks (whole sampling batches of teacher_batch rows each), then the schedule search and baselines in one.
+    teacher_resources: dict[str, float] = {"CPU": 1}
+    teacher_shards: int = Field(1, ge=1)
+    teacher_batch: int = Field(32, ge=1)
     max_concurrent: int = Field(2, ge=1)
     sweep: str = str(CONFIGS / "sweeps/distill.yaml")
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fluxir import flow
+from fluxir.accel import module_device
 from fluxir.codec import image_ids, pack, unpack
 from fluxir.config import Config, StudentConfig
 from fluxir.data import train_stream
@@ -62,6 +63,18 @@ class TeacherSet:
         return TeacherSet(self.schedule, self.states[index], self.lq[index], self.gt[index], self.task[index],
                           self.height, self.width)
 
+    def to(self, device) -> "TeacherSet":
+        """The set with its tensors on `device` (itself when they are there already)."""
+        return TeacherSet(self.schedule, self.states.to(device), self.lq.to(device), self.gt.to(device),
+                          self.task.to(device), self.height, self.width)
+
+    @staticmethod
+    def concat(parts: list["TeacherSet"]) -> "TeacherSet":
+        """Shards of one set, in row order, as one set."""
+        first = parts[0]
+        states, lq, gt, task = (torch.cat([getattr(p, k) for p in parts]) for k in ("states", "lq", "gt", "task"))
+        return TeacherSet(first.schedule, states, lq, gt, task, first.height, first.width)
+
 
 def calibration_inputs(cfg: Config, count: int, salt: int) -> dict[str, torch.Tensor]:
     """`count` degraded training crops from the stage-0 stream under a seed of their own (`salt`)."""
@@ -70,23 +83,27 @@ def calibration_inputs(cfg: Config, count: int, salt: int) -> dict[str, torch.Te
 
 @torch.no_grad()
 def teacher_trajectories(policy, codec, inputs: dict[str, torch.Tensor], cfg: Config, nfe: int,
-                         kind: str = "uniform", batch_size: int = 32) -> TeacherSet:
+                         kind: str = "uniform", batch_size: int = 32, first: int = 0) -> TeacherSet:
     """The teacher's `nfe`-step ODE on the `kind` schedule from a seeded start per input (the students
-    share the start)."""
+    share the start), computed on the policy's device in batches of `batch_size`; returned on the CPU.
+
+    Row i's start is seeded by its index in the whole set, `first` + i (`first`: where a shard's rows begin),
+    so shards cut at multiples of `batch_size` give exactly the rows of the whole set.
+    """
     policy.eval()
+    device = module_device(policy)
     schedule = flow.make_schedule(kind, nfe, cfg.flow.t_start, cfg.distill.shift)
-    z_lq, z_gt = codec.encode(inputs["lq"]), codec.encode(inputs["gt"])
+    z_lq, z_gt = codec.encode(inputs["lq"].to(device)), codec.encode(inputs["gt"].to(device))
     h, w = z_lq.shape[-2:]
-    lq, gt, ids = pack(z_lq), pack(z_gt), image_ids(h, w)
-    starts = torch.cat([initial_state(lq[i:i + 1], cfg.flow, torch.Generator().manual_seed(mix_seed(cfg.seed, i,
-                                                                                                     Salt.DISTILL_START)))
-                        for i in range(len(lq))])
+    lq, gt, ids, task = pack(z_lq), pack(z_gt), image_ids(h, w, device=device), inputs["task"].to(device)
+    starts = torch.cat([initial_state(lq[i:i + 1], cfg.flow, torch.Generator().manual_seed(
+        mix_seed(cfg.seed, first + i, Salt.DISTILL_START))) for i in range(len(lq))])
     states = []
     for i in range(0, len(lq), batch_size):
         sl = slice(i, i + batch_size)
-        traj = sample_trajectory(policy, lq[sl], inputs["task"][sl], ids, schedule, cfg.flow, x_start=starts[sl])
+        traj = sample_trajectory(policy, lq[sl], task[sl], ids, schedule, cfg.flow, x_start=starts[sl])
         states.append(torch.stack(traj.states, 1))
-    return TeacherSet(schedule, torch.cat(states), lq, gt, inputs["task"].clone(), h, w)
+    return TeacherSet(schedule, torch.cat(states), lq, gt, task.clone(), h, w).to("cpu")
 
 
 def teacher_at(teacher: TeacherSet, times: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -101,7 +118,7 @@ def teacher_at(teacher: TeacherSet, times: torch.Tensor, index: torch.Tensor) ->
     w = (grid[j] - times) / (grid[j] - grid[j + 1])
     xs = teacher.states[index]
     a, b = xs[:, j], xs[:, j + 1]
-    w = w.view(1, -1, 1, 1)
+    w = w.view(1, -1, 1, 1).to(xs.device)
     return (1 - w) * a + w * b
 
 
@@ -190,6 +207,7 @@ def sampler_cost(policy, codec, teacher: "TeacherSet", flow_cfg, metric: str, lp
     if metric == "lpips" and lpips_net is None:
         raise ValueError("the schedule search's metric is lpips, but LPIPS is unavailable (distill.metric=psnr "
                          "searches on PSNR)")
+    teacher = teacher.to(module_device(policy))
     decode = decoder(codec, teacher)
     gt = decode(teacher.gt)
     last: dict[str, list] = {"times": [], "states": []}  # the previous schedule's states, for a shared prefix
@@ -266,7 +284,7 @@ def student_loss(policy, schedule: LearnedSchedule, teacher: TeacherSet, index: 
                  teacher_weight: float, gt_weight: float, kind: str) -> tuple[torch.Tensor, dict[str, float]]:
     """teacher_weight · mean_k reg(jump k end, teacher at t_{k+1}) + gt_weight · reg(final, GT)."""
     times = schedule()
-    ids = image_ids(teacher.height, teacher.width)
+    ids = image_ids(teacher.height, teacher.width, device=teacher.states.device)
     x = teacher.states[index, 0]
     ends = student_rollout(policy, x, teacher.lq[index], teacher.task[index], ids, times)
     targets = teacher_at(teacher, times[1:], index)
@@ -281,7 +299,7 @@ def ode_states(policy, teacher: TeacherSet, schedule: list[float], flow_cfg, sta
                batch_size: int = 64) -> list[torch.Tensor]:
     """The K-step ODE's tokens at every time of `schedule` on the teacher set's inputs, from `start` (the
     state at schedule[0]; default: the teacher set's stored starts)."""
-    ids = image_ids(teacher.height, teacher.width)
+    ids = image_ids(teacher.height, teacher.width, device=teacher.states.device)
     start = teacher.states[:, 0] if start is None else start
     parts = []
     for i in range(0, len(teacher), batch_size):
@@ -315,8 +333,11 @@ def validate(policy, codec, teacher: TeacherSet, schedule: list[float], flow_cfg
     """Mean PSNR/SSIM(/LPIPS) against GT of the K-step sampler on `teacher`'s inputs and seconds per image;
     with `per_image` also {"per_image": {metric: [values]}} (for paired intervals)."""
     policy.eval()
+    teacher = teacher.to(module_device(policy))
     start = time.perf_counter()
     final = restore_tokens(policy, teacher, schedule, flow_cfg)
+    if final.is_cuda:
+        torch.cuda.synchronize(final.device)  # the kernels are timed, not their launch
     seconds = (time.perf_counter() - start) / len(teacher)
     decode = decoder(codec, teacher)
     metrics = image_metrics(decode(final), decode(teacher.gt), lpips_net)
@@ -342,8 +363,11 @@ def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, in
     """Train `policy` (in place) as the student on the K-step schedule `init` (learned further when
     `hp.schedule` is "learned"); every `eval_every` steps (and at step 0 of a fresh start) validate on
     `val` and call `report(step, metrics, schedule, optimizer)`, which may checkpoint. Resume with
-    `start_step` and the saved schedule/optimizer states.
+    `start_step` and the saved schedule/optimizer states. The sets move to the policy's device; the
+    schedule and the batch draws stay on the CPU.
     """
+    device = module_device(policy)
+    teacher, val = teacher.to(device), val.to(device)
     budget = len(init) - 1
     schedule = LearnedSchedule(init, learn=hp.schedule == "learned")
     if schedule_state:

@@ -59,27 +59,28 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"expected (B, C, H, W) tensors, got shape {tuple(pred.shape)}")
 
 
-def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
-    """Luma of RGB `img` (B, 3, H, W) in [0, 1] -> (B, 1, H, W) float64 on the 0–255 scale.
+def rgb_to_y(img: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Luma of RGB `img` (B, 3, H, W) in [0, 1] -> (B, 1, H, W) in `dtype` on the 0–255 scale.
 
     Y = 16 + 65.481 R + 128.553 G + 24.966 B (MATLAB rgb2ycbcr, BT.601); white -> 235, black -> 16.
     """
     if img.ndim != 4 or img.shape[1] != 3:
         raise ValueError(f"Y channel needs (B, 3, H, W) RGB, got shape {tuple(img.shape)}")
-    coeffs = torch.tensor(Y_COEFFS, dtype=torch.float64, device=img.device).view(1, 3, 1, 1)
-    return (img.to(torch.float64) * coeffs).sum(dim=1, keepdim=True) + Y_OFFSET
+    coeffs = torch.tensor(Y_COEFFS, dtype=dtype, device=img.device).view(1, 3, 1, 1)
+    return (img.to(dtype) * coeffs).sum(dim=1, keepdim=True) + Y_OFFSET
 
 
-def _prepare(img: torch.Tensor, crop_border: int, test_y_channel: bool) -> torch.Tensor:
-    """(B, C, H, W) in [0, 1] -> float64 on the 0–255 scale, cropped, optionally Y only. No quantising."""
+def _prepare(img: torch.Tensor, crop_border: int, test_y_channel: bool,
+             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> `dtype` on the 0–255 scale, cropped, optionally Y only. No quantising."""
     if crop_border:
         h, w = img.shape[-2:]
         if 2 * crop_border >= min(h, w):
             raise ValueError(f"crop_border {crop_border} leaves nothing of a {h}x{w} image")
         img = img[..., crop_border:-crop_border, crop_border:-crop_border]
     if test_y_channel:
-        return rgb_to_y(img)
-    return img.to(torch.float64) * DATA_RANGE
+        return rgb_to_y(img, dtype)
+    return img.to(dtype) * DATA_RANGE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,48 +88,48 @@ def _prepare(img: torch.Tensor, crop_border: int, test_y_channel: bool) -> torch
 # ---------------------------------------------------------------------------------------------
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, crop_border: int = 0,
-         test_y_channel: bool = False) -> torch.Tensor:
-    """Per-image PSNR in dB, (B,) float64, BasicSR convention.
+         test_y_channel: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Per-image PSNR in dB, (B,) in `dtype` (float64 for reported numbers), BasicSR convention.
 
     `pred`, `target`: (B, 3, H, W) float in [0, 1], taken as given (no clamping, no uint8 rounding).
-    Values are scaled to 0–255 in float64, `crop_border` pixels are cut from each side, optionally
+    Values are scaled to 0–255 in `dtype`, `crop_border` pixels are cut from each side, optionally
     reduced to Y (`rgb_to_y`); PSNR = 10·log10(255² / MSE), MSE over all channels and pixels.
     Identical images give +inf.
     """
     _check_pair(pred, target)
-    p = _prepare(pred, crop_border, test_y_channel)
-    t = _prepare(target, crop_border, test_y_channel)
+    p = _prepare(pred, crop_border, test_y_channel, dtype)
+    t = _prepare(target, crop_border, test_y_channel, dtype)
     mse = (p - t).pow(2).mean(dim=(1, 2, 3))
     return 10.0 * torch.log10(DATA_RANGE ** 2 / mse)  # mse == 0 -> inf
 
 
-def _gaussian_1d(device: torch.device) -> torch.Tensor:
-    """Normalised 1-D Gaussian, SSIM_WINDOW taps, sigma SSIM_SIGMA, float64 (as cv2.getGaussianKernel)."""
-    x = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=device) - (SSIM_WINDOW - 1) / 2
+def _gaussian_1d(device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Normalised 1-D Gaussian, SSIM_WINDOW taps, sigma SSIM_SIGMA (as cv2.getGaussianKernel)."""
+    x = torch.arange(SSIM_WINDOW, dtype=dtype, device=device) - (SSIM_WINDOW - 1) / 2
     g = torch.exp(-(x ** 2) / (2 * SSIM_SIGMA ** 2))
     return g / g.sum()
 
 
 def _filter_valid(x: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter of (N, K, H, W) float64 per channel, 'valid' -> (N, K, H-10, W-10)."""
+    """Separable Gaussian filter of (N, K, H, W) per channel, 'valid' -> (N, K, H-10, W-10)."""
     k = x.shape[1]
-    g = _gaussian_1d(x.device)
+    g = _gaussian_1d(x.device, x.dtype)
     x = F.conv2d(x, g.view(1, 1, -1, 1).expand(k, 1, -1, 1), groups=k)
     return F.conv2d(x, g.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, crop_border: int = 0,
-         test_y_channel: bool = False) -> torch.Tensor:
-    """Per-image SSIM, (B,) float64, BasicSR/MATLAB convention.
+         test_y_channel: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Per-image SSIM, (B,) in `dtype`, BasicSR/MATLAB convention.
 
-    Inputs and preprocessing as `psnr` (0–255 float64, crop, optional Y; no quantising). Statistics
+    Inputs and preprocessing as `psnr` (0–255 scale, crop, optional Y; no quantising). Statistics
     use an 11×11 Gaussian window (σ = 1.5) with 'valid' filtering (output shrinks by 5 px per side),
     C1 = (0.01·255)², C2 = (0.03·255)²; the SSIM map is averaged over pixels, then over channels.
     The (cropped) image must be at least 11×11.
     """
     _check_pair(pred, target)
-    x = _prepare(pred, crop_border, test_y_channel)
-    y = _prepare(target, crop_border, test_y_channel)
+    x = _prepare(pred, crop_border, test_y_channel, dtype)
+    y = _prepare(target, crop_border, test_y_channel, dtype)
     b, c, h, w = x.shape
     if min(h, w) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after cropping, "
@@ -313,14 +314,15 @@ def at_least(images: torch.Tensor, size: int = LPIPS_MIN_SIZE) -> torch.Tensor:
 
 def compute_metrics(pred: torch.Tensor, target: torch.Tensor,
                     convention: MetricConvention = MetricConvention(),
-                    lpips: LPIPS | None = None) -> dict[str, torch.Tensor]:
-    """{'psnr': (B,), 'ssim': (B,)} under `convention`, plus 'lpips': (B,) when an LPIPS module is given.
+                    lpips: LPIPS | None = None, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """{'psnr': (B,), 'ssim': (B,)} under `convention` in `dtype` (float64 for reported numbers; the RL reward
+    takes float32), plus 'lpips': (B,) when an LPIPS module is given.
 
     LPIPS always sees the full RGB images in [0, 1] (no crop, no Y), as is customary.
     """
     out = {
-        "psnr": psnr(pred, target, convention.crop_border, convention.test_y_channel),
-        "ssim": ssim(pred, target, convention.crop_border, convention.test_y_channel),
+        "psnr": psnr(pred, target, convention.crop_border, convention.test_y_channel, dtype),
+        "ssim": ssim(pred, target, convention.crop_border, convention.test_y_channel, dtype),
     }
     if lpips is not None:
         out["lpips"] = lpips(pred, target)

@@ -71,9 +71,14 @@ def flow_matching_prediction(model, codec, cfg, batch: dict):
 
     batch: lq, gt (B, 3, H, W) images, task (B,), t (B,) times, noise (B, C, h, w) latent-shaped ε.
     """
-    x0_img, lq_img = codec.encode(batch["gt"]), codec.encode(batch["lq"])
-    h, w = x0_img.shape[-2:]
-    x0, lq = pack(x0_img), pack(lq_img)
+    return flow_matching_from_latents(model, cfg, codec.encode(batch["gt"]), codec.encode(batch["lq"]), batch)
+
+
+def flow_matching_from_latents(model, cfg, z_gt: torch.Tensor, z_lq: torch.Tensor, batch: dict):
+    """`flow_matching_prediction` from latents the caller encoded once: z_gt, z_lq (B, C, h, w); batch
+    gives task, t and noise."""
+    h, w = z_gt.shape[-2:]
+    x0, lq = pack(z_gt), pack(z_lq)
     x1 = flow.source_mean(lq, cfg.flow.source) + flow.source_sigma(cfg.flow) * pack(batch["noise"])
     x_t = flow.interpolate(x0, x1, batch["t"])
     return model(x_t, lq, batch["t"], batch["task"], image_ids(h, w, device=x0.device)), x0, x1

@@ -37,8 +37,9 @@ from fluxir.config import Config
 from fluxir.metrics import at_least, compute_metrics
 from fluxir.objectives import (LOG_MSE_EPS, flow_matching_per_sample, flow_matching_reading, per_sample_mse,
                                per_sample_regression, sample_times)
-from fluxir.objectives import flow_matching_prediction
+from fluxir.objectives import flow_matching_from_latents
 from fluxir.flow import initial_state, source_mean, source_sigma
+from fluxir.rewards import failures_by_term
 from fluxir.rollouts import check_columns
 from fluxir.sampling import sample_trajectory
 from fluxir.seeds import Salt, mix_seed
@@ -239,21 +240,30 @@ def combine_reward(metrics: dict[str, torch.Tensor], weights) -> torch.Tensor:
 
 
 def score(final: torch.Tensor, gt: torch.Tensor, weights, lpips=None) -> dict[str, torch.Tensor]:
-    """PSNR, SSIM (and LPIPS on crops of at least `weights.lpips_min_size`) of final images against GT, and
-    the reward: the reward worker's scoring, and reward_backprop's (differentiable when `lpips` is)."""
-    metrics = compute_metrics(final, gt)
+    """PSNR, SSIM (float32) and LPIPS (on crops of at least `weights.lpips_min_size`) of final images against GT,
+    and the built-in reward: the reward worker's scoring, and reward_backprop's (differentiable when `lpips` is)."""
+    metrics = compute_metrics(final, gt, dtype=torch.float32)
     if lpips is not None:
         metrics["lpips"] = lpips(at_least(final, weights.lpips_min_size), at_least(gt, weights.lpips_min_size))
     return {**metrics, "reward": combine_reward(metrics, weights)}
 
 
-def score_columns(final: torch.Tensor, gt: torch.Tensor, weights, lpips=None, device=None) -> dict[str, torch.Tensor]:
-    """The score columns of candidate rows (`rollouts.SCORE_COLUMNS`), on the CPU: `score` without gradients,
-    on `device` (default: where `final` is), with lpips NaN where the reward does not compute it."""
-    device = final.device if device is None else device
+def score_columns(rows: dict[str, torch.Tensor], weights, lpips=None, device=None, terms=()) -> dict[str, torch.Tensor]:
+    """The score columns (`rollouts.SCORE_COLUMNS`, on the CPU) of candidate rows (final, gt, lq, task), scored
+    without gradients `weights.chunk` rows at a time on `device` (default: where `final` is): `score` plus the
+    plug-in `terms` (`fluxir.rewards.load_terms`); lpips is NaN where the reward does not compute it."""
+    from fluxir.rewards import add_terms
+
+    device = rows["final"].device if device is None else device
+    parts = []
     with torch.no_grad():
-        scores = score(final.to(device), gt.to(device), weights, lpips)
-        scores = {k: v.cpu() for k, v in scores.items()}
+        for start in range(0, len(rows["final"]), weights.chunk):
+            chunk = {k: rows[k][start:start + weights.chunk].to(device) for k in ("final", "gt", "lq", "task")}
+            scores = {k: v.cpu() for k, v in score(chunk["final"], chunk["gt"], weights, lpips).items()}
+            scores["reward"], scores["failed_term"] = add_terms(scores["reward"], list(terms), chunk["final"],
+                                                                chunk["lq"], chunk["gt"], chunk["task"])
+            parts.append(scores)
+    scores = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     scores.setdefault("lpips", torch.full_like(scores["reward"], float("nan")))
     return scores
 
@@ -285,6 +295,14 @@ def group_advantages(reward: torch.Tensor, k_count: int, eps: float = 1e-6) -> t
     return adv.view(-1).float()
 
 
+class NoValidRollouts(ValueError):
+    """Every input of a learner batch has a candidate with a non-finite reward; `stats` counts the skips."""
+
+    def __init__(self, message: str, stats: dict[str, int]):
+        super().__init__(message)
+        self.stats = stats
+
+
 LEARNER_KEYS = ("lq", "gt", "task", "seed")  # the rollout columns every learner batch carries
 LEARNER_READS = {"rsr": ("states",), "grpo": ("states", "log_probs", "candidate"),  # and per objective
                  "nft": ("states", "log_probs", "candidate", "final")}
@@ -302,15 +320,17 @@ def learner_batch(rows: dict[str, torch.Tensor], cfg: Config) -> tuple[dict[str,
     check_columns(rows, ("input", "reward", *LEARNER_KEYS, *LEARNER_READS.get(cfg.rl.objective, ())),
                   f"learner batch ({cfg.rl.objective})")
     k_count = cfg.rl.candidates
-    valid = torch.isfinite(rows["reward"].view(-1, k_count)).all(1)  # a NaN image skips its whole group
+    valid = torch.isfinite(rows["reward"].view(-1, k_count)).all(1)  # a NaN reward skips its whole group
+    failures = failures_by_term(rows["failed_term"], list(cfg.rl.reward.terms)) if "failed_term" in rows else {}
     if not valid.any():
-        raise ValueError(f"every rollout of inputs {rows['input'][::k_count].tolist()} has a non-finite reward")
+        raise NoValidRollouts(f"every rollout of inputs {rows['input'][::k_count].tolist()} has a non-finite "
+                              f"reward", {"skipped": len(valid), **failures})
     rows = {k: v.view(-1, k_count, *v.shape[1:])[valid].flatten(0, 1) for k, v in rows.items()}
     reward = rows["reward"]
     group = reward.view(-1, k_count)
     stats = {"reward_mean": float(reward.mean()), "reward_max": float(group.max(1).values.mean()),
              "ode_reward": float(group[:, 0].mean()), "gap": float((group.max(1).values - group[:, 0]).mean()),
-             "skipped": int((~valid).sum())}
+             "skipped": int((~valid).sum()), **failures}
     if cfg.rl.shuffle_rewards:
         reward = shuffled_within_groups(reward, rows["seed"][::k_count], k_count)
     chosen, improved, _ = select_best(reward, k_count, cfg.rl.margin)
@@ -426,18 +446,20 @@ class RLObjective:
             self.lpips = load_lpips(requires_grad=True)  # frozen weights, gradients to its inputs
 
     def per_sample(self, policy, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        anchor = self._anchor(policy, batch)
+        """Each row's LQ and GT are encoded once (`latents`) and shared by every term."""
+        latents = {"lq": self.codec.encode(batch["lq"]), "gt": self.codec.encode(batch["gt"])}
+        anchor = self._anchor(policy, batch, latents)
         if self.rl.objective == "fm":
             return anchor, {"fm": _mean(anchor)}
-        lq_tok = pack(self.codec.encode(batch["lq"]))
-        h, w = batch["lq"].shape[-2] // self.codec.downsample, batch["lq"].shape[-1] // self.codec.downsample
+        lq_tok = pack(latents["lq"])
+        h, w = latents["lq"].shape[-2:]
         ids = image_ids(h, w, device=lq_tok.device)
         if self.rl.objective == "rsr":
-            step, x0 = self._rsr(policy, batch, lq_tok, ids)
+            step, x0 = self._rsr(policy, batch, lq_tok, pack(latents["gt"]), ids)
             loss = self.rl.step_weight * step + self.rl.x0_weight * x0 + self.rl.fm_weight * anchor
             return loss, {"step": _mean(step), "x0": _mean(x0), "fm": _mean(anchor)}
         if self.rl.objective == "nft":
-            nft = self._nft(policy, batch)
+            nft = self._nft(policy, batch, latents)
             return nft + self.rl.fm_weight * anchor, {"nft": _mean(nft), "fm": _mean(anchor)}
         if self.rl.objective == "reward_backprop":
             reward = self._sampled_reward(policy, batch, lq_tok, ids, h, w)
@@ -447,22 +469,23 @@ class RLObjective:
         loss = surrogate + self.rl.kl_weight * kl + self.rl.fm_weight * anchor
         return loss, {"surrogate": _mean(surrogate), "kl": _mean(kl), "fm": _mean(anchor)}
 
-    def _fm_prediction(self, policy, batch, seeds: torch.Tensor, salt: int):
-        """The policy on the flow path from batch["gt"] to the source, at per-row times and noise."""
-        z_shape = self.codec.encode(batch["gt"][:1]).shape[1:]
+    def _fm_prediction(self, policy, batch, z_clean: torch.Tensor, z_lq: torch.Tensor, seeds: torch.Tensor,
+                       salt: int):
+        """The policy on the flow path from the clean latents `z_clean` to the source, at per-row times and
+        noise."""
         t = torch.cat([sample_times(1, self.cfg.flow.t_start, self.cfg.pretrain.t_start_fraction,
                                     row_generator(s, salt)) for s in seeds.tolist()])
-        dev = batch["gt"].device  # per-row draws on the CPU (device-independent), then moved
-        fm_batch = {**batch, "t": t.to(dev), "noise": row_normal(seeds.cpu(), tuple(z_shape), salt).to(dev)}
-        return flow_matching_prediction(policy, self.codec, self.cfg, fm_batch)
+        dev = z_clean.device  # per-row draws on the CPU (device-independent), then moved
+        fm_batch = {**batch, "t": t.to(dev), "noise": row_normal(seeds.cpu(), tuple(z_clean.shape[1:]), salt).to(dev)}
+        return flow_matching_from_latents(policy, self.cfg, z_clean, z_lq, fm_batch)
 
-    def _anchor(self, policy, batch) -> torch.Tensor:
+    def _anchor(self, policy, batch, latents) -> torch.Tensor:
         """Stage-0 flow matching on the batch's (LQ, GT) with per-sample time and noise."""
-        pred, x0, x1 = self._fm_prediction(policy, batch, batch["seed"], Salt.RL_FM)
+        pred, x0, x1 = self._fm_prediction(policy, batch, latents["gt"], latents["lq"], batch["seed"], Salt.RL_FM)
         per = flow_matching_per_sample(pred, x0, x1, self.cfg.model.parametrization, self.cfg.rl.loss)
         return per.view(batch["seed"].shape[0])
 
-    def _rsr(self, policy, batch, lq_tok, ids):
+    def _rsr(self, policy, batch, lq_tok, gt_tok, ids):
         """The step term on a random `informative_pairs` pair of the selected trajectory."""
         pairs = informative_pairs(self.cfg, batch["seed"])
         pairs[~pairs.any(1)] = True  # an ODE-only row (K = 1) carries no step term; any pair will do
@@ -472,7 +495,6 @@ class RLObjective:
         times = self.times.to(lq_tok.device)
         t_a, t_b = times[pair], times[pair + 1]
         pred = policy(x_a, lq_tok, t_a, batch["task"], ids)
-        gt_tok = pack(self.codec.encode(batch["gt"]))
         return rsr_terms(pred.velocity, pred.x0_hat, x_a, x_b, t_a, t_b, gt_tok, batch["improved"],
                          self.cfg.rl.loss)
 
@@ -503,9 +525,10 @@ class RLObjective:
             kl = gaussian_kl(mean, ref_mean, std) * explored.float()
         return surrogate, kl
 
-    def _nft(self, policy, batch) -> torch.Tensor:
+    def _nft(self, policy, batch, latents) -> torch.Tensor:
         """Flow matching onto each candidate's own final image at a fresh (t, ε) per row, signed by its reward."""
-        pred, x0, x1 = self._fm_prediction(policy, {**batch, "gt": batch["final"]}, row_seeds(batch), Salt.RL_NFT)
+        z_final = self.codec.encode(batch["final"])
+        pred, x0, x1 = self._fm_prediction(policy, batch, z_final, latents["lq"], row_seeds(batch), Salt.RL_NFT)
         value, target = flow_matching_reading(pred, x0, x1, self.cfg.model.parametrization)
         return nft_terms(value, target, optimality(batch["advantage"]), self.rl.nft_beta)
 

@@ -39,6 +39,7 @@ class LocalRL:
         """The policy stage 1 starts from (`rl.init`, else the run's stage-0 model), in train mode."""
         from fluxir.metrics import load_lpips
         from fluxir.policy import load_trained
+        from fluxir.rewards import load_terms
 
         policy, codec = load_trained(rl.init_dir(cfg), cfg)
         self.cfg, self.policy, self.codec = cfg, policy.train(), codec
@@ -47,13 +48,14 @@ class LocalRL:
         self.objective, self.stream = rl.RLObjective(cfg, codec), rl_stream(cfg)
         reads_rewards = cfg.rl.objective in rl.REWARD_OBJECTIVES
         self.lpips = load_lpips() if reads_rewards and cfg.rl.reward.lpips > 0 else None
+        self.terms = load_terms(cfg.rl.reward) if reads_rewards else []
 
     def rollout_rows(self, inputs: dict, it: int) -> dict[str, torch.Tensor]:
         """Iteration `it`'s scored candidate rows, the columns the Ray path's rollout actor and reward worker
         write (`rollouts.candidate_rows`, `rl.score_columns`), sampled by policy version `it`."""
         out = rl.sample_candidates(self.policy, self.codec, inputs["lq"], inputs["task"], inputs["seed"], self.cfg)
         rows = candidate_rows(inputs, out, self.cfg.rl.candidates, it, it * self.cfg.rl.batch_size)
-        return rows | rl.score_columns(rows["final"], rows["gt"], self.cfg.rl.reward, self.lpips)
+        return rows | rl.score_columns(rows, self.cfg.rl.reward, self.lpips, terms=self.terms)
 
     def iteration(self, it: int) -> dict:
         t0 = time.perf_counter()

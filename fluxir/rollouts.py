@@ -66,10 +66,11 @@ SCORE_COLUMNS = (
     Column("psnr", FLOAT32, FROM_REWARD, "PSNR of final against gt"),
     Column("ssim", FLOAT32, FROM_REWARD, "SSIM of final against gt"),
     Column("lpips", FLOAT32, FROM_REWARD, "LPIPS of final against gt, NaN when the reward does not weigh it"),
-    Column("reward", FLOAT32, FROM_REWARD, "the configured reward of final"),
+    Column("reward", FLOAT32, FROM_REWARD, "the configured reward of final; NaN where a plug-in term failed"),
+    Column("failed_term", INT64, FROM_REWARD, "1 + index in rl.reward.terms of the first term that failed, 0 = none"),
 )
 COLUMNS = {c.name: c for c in ROLLOUT_COLUMNS + SCORE_COLUMNS}
-REWARD_READS = ("final", "gt")  # what the reward worker scores
+REWARD_READS = ("final", "gt", "lq", "task")  # what the reward worker scores
 
 
 def column(name: str) -> Column:

@@ -117,9 +117,11 @@ def keep_controls(rows: list[dict], stage_dir: Path) -> dict[int, dict[str, dict
 
 def student_validation(cfg: Config, shared: dict, row: dict) -> dict:
     """A kept student's scores on the validation crops, per image included."""
-    policy, codec = load_trained(Path(row["model_dir"]), cfg)
-    return D.validate(policy, codec, shared["validation"], row["schedule"], cfg.flow, validation_lpips(cfg),
-                      per_image=True)
+    from fluxir.accel import module_device
+
+    policy, codec = load_trained(Path(row["model_dir"]), cfg, place_on_device=True)  # the task's GPU, if any
+    return D.validate(policy, codec, shared["validation"], row["schedule"], cfg.flow,
+                      validation_lpips(cfg, module_device(policy)), per_image=True)
 
 
 def _means(scores: dict) -> dict:

@@ -37,17 +37,19 @@ def weights_checksum(tensors: dict[str, torch.Tensor], algorithm: str = "blake2b
     return digest.hexdigest()
 
 
-def make_weight_set(tensors: dict[str, torch.Tensor], version: int) -> WeightSet:
-    cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+def make_weight_set(tensors: dict[str, torch.Tensor], version: int, dtype: torch.dtype | None = None) -> WeightSet:
+    """CPU copies of `tensors` in `dtype` (default: their own), the receivers' dtype: a bf16 policy gets
+    bf16 tensors, half the bytes of fp32, and the checksum covers exactly what is shipped."""
+    cpu = {k: v.detach().to("cpu", dtype or v.dtype).contiguous().clone() for k, v in tensors.items()}
     return WeightSet(version=version, tensors=cpu, checksum=weights_checksum(cpu))
 
 
 def wire_format(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What a receiver holding `tensors` (any dtype/device) expects on the wire: fp32 of the same shapes.
+    """What a receiver holding `tensors` expects on the wire: the same names, shapes and dtypes (any device).
 
     Meta tensors: names, shapes and dtype only, no memory.
     """
-    return {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in tensors.items()}
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
 
 
 def verify_weight_set(ws: WeightSet, expected: dict[str, torch.Tensor]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -404,3 +405,158 @@ def test_single_process_loop_updates_the_policy_with_the_ray_systems_math(policy
     assert torch.isfinite(torch.tensor(record["loss"]))
     after = loop.policy.trainable_state_dict()
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_a_bf16_weight_set_ships_half_the_bytes_and_verifies_against_a_bf16_receiver(policy_and_codec):
+    policy, _ = policy_and_codec
+    fp32 = policy.trainable_state_dict()
+    bf16 = {k: v.to(torch.bfloat16) for k, v in fp32.items()}  # what a model.dtype=bfloat16 rollout actor holds
+    full, half = make_weight_set(fp32, 3), make_weight_set(fp32, 3, torch.bfloat16)
+    assert half.num_bytes * 2 == full.num_bytes
+    assert all(t.dtype == torch.bfloat16 for t in half.tensors.values())
+    verify_weight_set(half, bf16)  # the checksum covers the bf16 bytes shipped
+    with pytest.raises(WeightSyncError, match="torch.float32.*expected torch.bfloat16"):
+        verify_weight_set(full, bf16)
+
+
+class CountingCodec(torch.nn.Module):
+    """The pixel codec, counting the images it encodes."""
+
+    def __init__(self, codec):
+        super().__init__()
+        self.codec, self.encoded = codec, 0
+        self.latent_channels, self.downsample = codec.latent_channels, codec.downsample
+
+    def encode(self, images):
+        self.encoded += len(images)
+        return self.codec.encode(images)
+
+    def decode(self, latents):
+        return self.codec.decode(latents)
+
+
+@pytest.mark.parametrize("objective,k", [("rsr", 3), ("grpo", 3), ("fm", 1), ("reward_backprop", 1)])
+def test_the_learner_encodes_each_samples_lq_and_gt_once(policy_and_codec, objective, k):
+    """VAE encodes per learner sample = 2 (LQ and GT), shared by every term of the objective."""
+    policy, codec = policy_and_codec
+    cfg = smoke(f"rl.candidates={k}", f"rl.objective={objective}", "rl.nfe=3", "rl.reward.ssim=1")
+    rows = _scored_rows(policy, codec, cfg)
+    batch = rows if objective in ("fm", "reward_backprop") else rl.learner_batch(rows, cfg)[0]
+    counting = CountingCodec(codec)
+    rl.RLObjective(cfg, counting).per_sample(policy, batch)
+    assert counting.encoded == 2 * len(batch["seed"])
+
+
+TERMS = '''
+import torch
+
+def mean(restored, lq, gt, task):
+    return restored.mean((1, 2, 3))
+
+def boom(restored, lq, gt, task):
+    raise RuntimeError("scorer server unreachable")
+
+def half_nan(restored, lq, gt, task):
+    out = restored.mean((1, 2, 3))
+    out[:2] = float("nan")
+    return out
+
+def misshapen(restored, lq, gt, task):
+    return torch.zeros(len(restored), 2)
+'''
+
+
+@pytest.fixture
+def term_module(tmp_path, monkeypatch):
+    (tmp_path / "myterms.py").write_text(TERMS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "myterms"
+
+
+def _image_rows(k: int, n: int) -> dict:
+    """`_rows` with 16 px images (SSIM's window needs 11)."""
+    g = torch.Generator().manual_seed(3)
+    images = {name: torch.rand(n * k, 3, 16, 16, generator=g) for name in ("lq", "gt", "final")}
+    return _rows(k, n, torch.zeros(n * k)) | images
+
+
+def _with_terms(*terms, chunk=64):
+    spec = ", ".join(f"{name}: {{function: 'myterms:{name}', weight: 2.0}}" for name in terms)
+    return smoke("rl.candidates=2", "rl.reward.ssim=0.5", f"rl.reward.chunk={chunk}", f"rl.reward.terms={{{spec}}}")
+
+
+def test_reward_terms_add_their_weighted_scores_chunk_by_chunk_in_float32(term_module):
+    from fluxir.rewards import load_terms
+
+    rows = _image_rows(2, 3)
+    cfg = _with_terms("mean", chunk=4)
+    scores = rl.score_columns(rows, cfg.rl.reward, terms=load_terms(cfg.rl.reward))
+    reference = rl.score(rows["final"], rows["gt"], cfg.rl.reward)  # all rows in one chunk
+    assert scores["psnr"].dtype == torch.float32 == reference["psnr"].dtype
+    f64 = compute_metrics_f64(rows)
+    torch.testing.assert_close(scores["psnr"].double(), f64["psnr"], rtol=0, atol=1e-4)  # float32 vs float64 dB
+    torch.testing.assert_close(scores["ssim"].double(), f64["ssim"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores["reward"], reference["reward"] + 2.0 * rows["final"].mean((1, 2, 3)))
+    assert scores["failed_term"].tolist() == [0] * 6 and scores["lpips"].isnan().all()
+
+
+def compute_metrics_f64(rows):
+    from fluxir.metrics import compute_metrics
+
+    return compute_metrics(rows["final"], rows["gt"])
+
+
+@pytest.mark.parametrize("name,failed_rows,why", [("boom", 6, "raised RuntimeError: scorer server unreachable"),
+                                                   ("half_nan", 2, "2 non-finite"),
+                                                   ("misshapen", 6, r"shape \(6, 2\), expected \(6,\)")])
+def test_a_failing_reward_term_is_named_and_its_inputs_skipped_and_counted(term_module, caplog, name,
+                                                                           failed_rows, why):
+    from fluxir.rewards import load_terms
+
+    cfg = _with_terms("mean", name)
+    rows = _image_rows(2, 3)
+    with caplog.at_level("WARNING", logger="fluxir.rewards"):
+        scores = rl.score_columns(rows, cfg.rl.reward, terms=load_terms(cfg.rl.reward))
+    assert re.search(f"reward term '{name}' .*{why}", caplog.text)
+    assert int(scores["reward"].isnan().sum()) == failed_rows
+    assert scores["failed_term"].tolist() == [2 if r.isnan() else 0 for r in scores["reward"]]  # 1 + its index
+    rows |= scores
+    if failed_rows == 6:  # no input left: the iteration takes no update, and says why
+        with pytest.raises(rl.NoValidRollouts, match="non-finite reward") as err:
+            rl.learner_batch(rows, cfg)
+        assert err.value.stats == {"skipped": 3, f"reward_failed/{name}": 6}
+        return
+    _, stats = rl.learner_batch(rows, cfg)
+    assert stats["skipped"] == 1 and stats[f"reward_failed/{name}"] == failed_rows  # a NaN row skips its input
+
+
+def test_a_reward_term_that_cannot_be_imported_is_refused_by_name():
+    from fluxir.config import ConfigError
+    from fluxir.rewards import RewardTermError, load_terms
+
+    cfg = smoke("rl.reward.terms={sharp: {function: 'no_such_module:score'}}")
+    with pytest.raises(RewardTermError, match="rl.reward.terms.sharp: cannot load no_such_module:score"):
+        load_terms(cfg.rl.reward)
+    with pytest.raises(ConfigError, match="not of the form package.module:function"):
+        smoke("rl.reward.terms={sharp: {function: 'a.b'}}")
+    with pytest.raises(ConfigError, match="clash with the built-in"):
+        smoke("rl.reward.terms={psnr: {function: 'a:b'}}")
+
+
+def test_the_shipped_no_reference_term_prefers_detail_and_penalises_noise():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        from iqa_terms import noref
+    finally:
+        sys.path.pop(0)
+    g = torch.Generator().manual_seed(0)
+    sharp = torch.rand(2, 3, 32, 32, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, 1, 1)
+    noisy = (blurred + 0.1 * torch.randn(blurred.shape, generator=g)).clamp(0, 1)
+    none = torch.zeros(2, dtype=torch.long)
+    assert (noref.noise_sigma(noisy) > 2 * noref.noise_sigma(blurred)).all()
+    assert (noref.detail(blurred, blurred, blurred, none).abs() < 0.5).all()  # no gain over the input
+    assert (noref.detail(sharp, blurred, sharp, none, noise_weight=0) > 1).all()  # recovered edges score higher

@@ -188,3 +188,85 @@ def test_driver_sigkill_then_resume(ray_session, base, objective, tmp_path):
     assert final[-1] == "iter_00000012" and not [p for p in final if p.startswith(".tmp")]
     history = json.loads((ckpts.parent / "history.json").read_text())
     assert [h["iteration"] for h in history] == list(range(1, 13))  # resumed history is continuous
+
+
+USER_TERMS = '''
+def boom(restored, lq, gt, task):
+    raise RuntimeError("judge server unreachable")
+'''
+
+
+def test_reward_workers_load_plug_in_terms_from_their_own_runtime_env(ray_session, base, tmp_path):
+    """rl.reward.terms imported inside the reward worker from its own rl.reward_runtime_env (the shipped
+    no-reference example and a user's package whose term raises): the example's weighted score is added,
+    the failing term's rows get a NaN reward and its index, and the worker keeps serving."""
+    import ray
+
+    from actors.rl import RewardWorker
+    from fluxir import rl
+    from fluxir.rollouts import candidate_rows, column_tensor, to_record_batch
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from iqa_terms.noref import detail
+    sys.path.pop(0)
+    (tmp_path / "userterms").mkdir()
+    (tmp_path / "userterms" / "__init__.py").write_text(USER_TERMS)
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), str(tmp_path)])}}  # one node
+    terms = "{detail: {function: 'iqa_terms.noref:detail', weight: 0.5}, boom: {function: 'userterms:boom'}}"
+    cfg = _cfg(base, f"rl.reward.terms={terms}")
+    n, k = 2, 2
+    g = torch.Generator().manual_seed(0)
+    inputs = {"lq": torch.rand(n, 3, 16, 16, generator=g), "gt": torch.rand(n, 3, 16, 16, generator=g),
+              "task": torch.zeros(n, dtype=torch.long), "seed": torch.arange(n)}
+    sampled = {"final": torch.rand(n * k, 3, 16, 16, generator=g), "states": torch.zeros(n * k, 2, 4, 12),
+               "log_probs": torch.zeros(n * k, 1), "candidate": torch.arange(k).repeat(n),
+               "noise_seed": torch.arange(n * k)}
+    rows = candidate_rows(inputs, sampled, k, 0, 0)
+    batch = to_record_batch(rows, [1.0, 0.0], [0, 1])
+    worker = RewardWorker.options(num_cpus=0.1, runtime_env=env).remote(cfg.model_dump(mode="json"), 1)
+    try:
+        scored = ray.get(worker.score.remote(batch))
+    finally:
+        ray.kill(worker)
+    assert column_tensor(scored, "reward").isnan().all()  # boom failed on every row...
+    assert column_tensor(scored, "failed_term").tolist() == [2] * (n * k)  # ...and is named by its index
+    alone = _cfg(base, "rl.reward.terms={detail: {function: 'iqa_terms.noref:detail', weight: 0.5}}")
+    worker = RewardWorker.options(num_cpus=0.1, runtime_env=env).remote(alone.model_dump(mode="json"), 1)
+    try:
+        scored = ray.get(worker.score.remote(batch))
+    finally:
+        ray.kill(worker)
+    builtin = rl.score(rows["final"], rows["gt"], alone.rl.reward)["reward"]
+    expected = builtin + 0.5 * detail(rows["final"], rows["lq"], rows["gt"], rows["task"])
+    torch.testing.assert_close(column_tensor(scored, "reward"), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow  # two short stage-1 runs (~40 s each); CI runs them (`make test-slow`)
+def test_overlapped_stage1_samples_one_version_behind_within_the_staleness_bound(ray_session, base):
+    """rl.async: iteration i+1's rollouts are issued before iteration i's update, so they carry the policy one
+    version behind (staleness 1, accepted by max_staleness 1); a rollout two versions behind is refused,
+    re-synced and sampled again."""
+    from actors.rl import run_rl
+    from fluxir.rollouts import read_parquet, to_tensors
+
+    overrides = ("rl.async=true", "rl.max_staleness=1", "rl.iterations=3", "rl.num_learners=1",
+                 "rl.num_rollout_actors=1", "rl.checkpoint_every=10")
+    out = run_rl(_cfg(base, *overrides), stage="async", show_progress=False, write_rollouts=True)
+    history = out["history"]
+    assert [h["staleness"] for h in history] == [0, 1, 1] and [h["stale"] for h in history] == [0, 0, 0]
+    assert out["version"] == 3
+    versions = [to_tensors(read_parquet(base / "smoke" / "async" / "rollouts" / f"iter_{i:08d}.parquet")
+                           .to_batches())["version"].unique().tolist() for i in range(3)]
+    assert versions == [[0], [0], [1]]  # iteration 2 was sampled before update 1 landed
+
+    issues = []
+
+    def jump_version(system):  # a second sync while iteration 2's rollouts run: they end up 2 versions behind
+        issues.append(system.version)
+        if len(issues) == 2:
+            system.sync(system.version + 1)
+
+    out = run_rl(_cfg(base, *overrides), stage="async-bound", show_progress=False, on_issued=jump_version)
+    history = out["history"]
+    assert [h["stale"] for h in history] == [0, 1, 0]  # lag 2 > rl.max_staleness: sampled again
+    assert max(h["staleness"] for h in history) <= 1 and out["version"] == 4
