@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 import weakref
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import FLUX1_DEV_TRANSFORMER, FLUX1_TEXT_TOKENS, FLUX1_VAE, RESULTS, ROOT, machine, write_result  # noqa: E402
-from fluxir.config import LoraConfig, load_config, zero_stage  # noqa: E402
+from fluxir.config import LoraConfig, RewardConfig, load_config, zero_stage  # noqa: E402
 from fluxir.metrics import compute_metrics  # noqa: E402
 from fluxir.policy import add_lora, widen_input  # noqa: E402
 
@@ -48,6 +49,7 @@ TEXT_TOKENS = FLUX1_TEXT_TOKENS  # cached T5 prompt embeddings: joint-attention 
 TOKEN_CHANNELS = 64  # 16 latent channels, 2x2 packed
 RANKS = (16, 64, 128)
 PLAN_RANK = 64  # the rank of the layout and time tables
+REWARD_CHUNK = RewardConfig().chunk  # rows a reward worker scores at a time
 RESOLUTIONS = (512, 1024)
 MICRO_BATCHES = (1, 2, 4)
 NFES = (4, 8, 20)
@@ -295,8 +297,8 @@ def attention_flops(n_img: int) -> float:
 
 
 def conv_net_costs(resolution: int) -> dict:
-    """VAE encode/decode (bf16), LPIPS backbone (fp32) and PSNR + SSIM (fluxir.metrics.compute_metrics, float64):
-    FLOPs and live peak bytes per image (pair for LPIPS and the metrics)."""
+    """VAE encode/decode (bf16), LPIPS backbone (fp32) and PSNR + SSIM (fluxir.metrics.compute_metrics in float32,
+    as the reward worker runs it): FLOPs and live peak bytes per image (pair for LPIPS and the metrics)."""
     vae, alex = flux_vae(), alexnet_features()
     image = torch.empty(1, 3, resolution, resolution, device="meta")
     image_bf16 = image.to(torch.bfloat16)
@@ -305,7 +307,7 @@ def conv_net_costs(resolution: int) -> dict:
     for name, model, run in (("encode", vae, lambda: vae.encode(image_bf16).latent_dist.mode()),
                              ("decode", vae, lambda: vae.decode(latent).sample),
                              ("lpips", alex, lambda: (alex(image), alex(image))),  # prediction and GT
-                             ("metrics", None, lambda: compute_metrics(image, image))):
+                             ("metrics", None, lambda: compute_metrics(image, image, dtype=torch.float32))):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:  # SDPA's math path: attention counted
             run()
         out[f"{name}_flops"] = counter.get_total_flops()
@@ -425,10 +427,11 @@ def rollout_memory(counts: dict, m: dict, rank: int, inputs: int, k: int, nfe: i
 
 
 def reward_memory(counts: dict, m: dict, rows: int) -> float:
-    """A reward worker scoring `rows` candidates in one call (RewardWorker.score: compute_metrics on the GPU):
-    LPIPS (fp32), the final and GT images, and the larger of PSNR + SSIM (float64) and LPIPS, all rows at once."""
-    working = max(m["metrics_live_bytes"], m["lpips_live_bytes"])
-    return gib(counts["lpips_backbone"] * 4 + rows * (2 * image_bytes(m) + working)) + ASSUMPTIONS["overhead_gib"]
+    """A reward worker scoring `rows` candidates in one call (RewardWorker.score on the GPU): LPIPS (fp32), the
+    final, GT and LQ images of every row, and the larger of PSNR + SSIM (float32) and LPIPS for one chunk of
+    `rl.reward.chunk` rows (`fluxir.rl.score_columns` scores chunk by chunk)."""
+    working = max(m["metrics_live_bytes"], m["lpips_live_bytes"]) * min(rows, REWARD_CHUNK)
+    return gib(counts["lpips_backbone"] * 4 + rows * 3 * image_bytes(m) + working) + ASSUMPTIONS["overhead_gib"]
 
 
 def slot_memory(counts: dict, m: dict, zero: int, micro: int, inputs: int, k: int, nfe: int, rank: int = PLAN_RANK,
@@ -631,10 +634,10 @@ def print_learner(counts: dict, meas: dict) -> dict:
         for zero in (2, 3):
             mem = learner_memory(counts, meas[512], rank, zero, 1, True)
             rows.append([rank, f"ZeRO-{zero}", mem["trainable_bf16"], mem["optimizer_and_grads"],
-                         mem["zero_buffers"], mem["total"], gib(counts[f"trainable_r{rank}"] * 4)])
+                         mem["zero_buffers"], mem["total"], gib(counts[f"trainable_r{rank}"] * 2)])
     table("LoRA rank: trainable-state GiB per GPU (8 ranks; total at 512 px, micro-batch 1, checkpointing)",
           ["rank", "ZeRO", "bf16 working copy", "fp32 master+Adam+grads (/8)", "buckets", "total",
-           "weight sync per rollout actor (fp32 wire format)"], rows)
+           "weight sync per rollout actor (bf16: the actors' dtype)"], rows)
     return grid
 
 
@@ -663,7 +666,7 @@ def print_rollout(counts: dict, meas: dict, k: int, nfe: int) -> dict:
     table(f"Rollout and reward memory terms, GiB (r={PLAN_RANK}; per row = one candidate)",
           ["px", "bf16 policy copy", "transformer live / row", "VAE decode live / image (bf16)",
            "VAE encode live / input", "decoded image / row", f"trajectory tensors / row (NFE {nfe})",
-           "PSNR + SSIM live / row (float64)", "LPIPS live / pair"], rows)
+           "PSNR + SSIM live / row (float32)", "LPIPS live / pair"], rows)
     return out
 
 
@@ -703,7 +706,7 @@ def print_config_check(counts: dict, meas: dict, cfg, path: str = CONFIG) -> dic
     rows_per_input = rl.candidates if rl.objective == "grpo" else 1  # rsr trains one row per input
     zero = zero_stage(rl.deepspeed, "rl.deepspeed")
     setting = {"config": path, "colocate": rl.colocate, "px": px, "k": rl.candidates, "nfe": rl.nfe,
-               "objective": rl.objective, "zero_stage": zero, "deepspeed": rl.deepspeed, "rank": rank,
+               "objective": rl.objective, "zero_stage": zero, "deepspeed": os.path.relpath(rl.deepspeed, ROOT), "rank": rank,
                "checkpointing": cfg.model.gradient_checkpointing,
                "micro_batch": -(-rl.batch_size * rows_per_input // rl.num_learners),
                "inputs_per_actor": -(-rl.batch_size // rl.num_rollout_actors), "num_gpus": slot_gpu(cfg),
