@@ -146,11 +146,8 @@ def tree_bytes(path: Path) -> int:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def repo_travel_bytes(root: Path = ROOT) -> dict[str, int]:

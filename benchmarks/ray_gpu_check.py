@@ -102,11 +102,8 @@ def run(label: str, cmd: list[str], log: Log, env: dict | None = None,
 # ------------------------------------------------------------------------------------------ install
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify(deps: Path) -> dict:
