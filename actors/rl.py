@@ -4,7 +4,9 @@ One iteration: the controller takes the next batch of (LQ, GT, task) inputs (the
 data cursor), shards it over the `rollout-i` actors, hands each shard's Arrow record batch straight
 to a `reward-i` worker (object refs, no driver round trip), builds the learner batch from the scored
 rows, runs one DeepSpeed update on the `learner-i` ranks, and ships the new trainable tensors to every
-rollout actor as a versioned, checksummed `WeightSet` through the object store.
+rollout actor as a versioned, checksummed `WeightSet` in the actors' dtype through the object store. With
+`rl.async` the next iteration's rollouts are issued before the update, so they overlap it, sampled by the
+policy one version behind (within `rl.max_staleness`).
 
 Faults: rollout and reward actors restart (`rl.max_restarts`); work lost with a dead actor is issued
 again once it is back and re-synced. Checkpoints (every `rl.checkpoint_every` iterations) are written to

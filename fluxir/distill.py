@@ -356,12 +356,33 @@ def arm_settings(student: StudentConfig, arm: str, params: dict | None = None) -
     return StudentConfig.model_validate({**student.model_dump(), **picked, **ARMS[arm]})
 
 
+class MasterWeights:
+    """fp32 master copies of a model's low-precision (bf16) trainable weights: the optimizer steps the copies,
+    which are written back, rounded, into the model after each step, so updates smaller than the model's
+    precision accumulate instead of being lost. fp32 weights are their own master (stepped in place)."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.master = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_() for p in params]
+
+    def grads_to_master(self) -> None:
+        for p, m in zip(self.params, self.master):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+
+    def master_to_model(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                if m is not p:
+                    p.copy_(m)
+
+
 def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, init: list[float],
             hp: StudentConfig, report: Callable[[int, dict, LearnedSchedule, torch.optim.Optimizer], None],
             lpips_net=None, seed: int = 0, start_step: int = 0, schedule_state: dict | None = None,
             optimizer_state: dict | None = None):
     """Train `policy` (in place) as the student on the K-step schedule `init` (learned further when
-    `hp.schedule` is "learned"); every `eval_every` steps (and at step 0 of a fresh start) validate on
+    `hp.schedule` is "learned"; a bf16 policy is stepped through fp32 `MasterWeights`); every `eval_every` steps (and at step 0 of a fresh start) validate on
     `val` and call `report(step, metrics, schedule, optimizer)`, which may checkpoint. Resume with
     `start_step` and the saved schedule/optimizer states. The sets move to the policy's device; the
     schedule and the batch draws stay on the CPU.
@@ -372,7 +393,8 @@ def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, in
     schedule = LearnedSchedule(init, learn=hp.schedule == "learned")
     if schedule_state:
         schedule.load_state_dict(schedule_state)
-    params = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": hp.lr}]
+    weights = MasterWeights([p for p in policy.parameters() if p.requires_grad])
+    params = [{"params": weights.master, "lr": hp.lr}]
     if hp.schedule == "learned":
         params.append({"params": [schedule.logits], "lr": hp.schedule_lr})
     opt = torch.optim.AdamW(params, weight_decay=0.0)
@@ -389,9 +411,12 @@ def distill(policy, codec, cfg: Config, teacher: TeacherSet, val: TeacherSet, in
             raise FloatingPointError(f"distillation loss is {float(loss)} at step {step} (budget {budget}, "
                                      f"schedule {hp.schedule}, lr {hp.lr})")
         opt.zero_grad(set_to_none=True)
+        policy.zero_grad(set_to_none=True)
         loss.backward()
+        weights.grads_to_master()
         torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
         opt.step()
+        weights.master_to_model()
         if step % hp.eval_every == 0 or step == hp.steps:
             metrics = validate(policy, codec, val, schedule.as_list(), cfg.flow, lpips_net)
             metrics["loss"] = loss.item()

@@ -367,3 +367,32 @@ def test_distill_compare_pools_paired_differences_over_seeds():
     assert "lpips" not in next(r for r in rows if r["other"] == "teacher, shifted K")  # not run at K = 2
     assert "lpips" not in next(r for r in rows if r["other"] == "control: GT-only fine-tune")
     assert next(r for r in rows if r["other"] == "teacher N=4")["lpips"]["per_seed"] == pytest.approx([0.010, 0.012])
+
+
+def test_master_weights_keep_updates_smaller_than_bf16_resolution():
+    """A bf16 student steps through fp32 copies: 100 updates of 1e-4 move a weight of 1.0 to 0.99, where
+    stepping the bf16 weight itself rounds every update away (bf16 resolves 2^-7 at 1.0)."""
+    from fluxir.distill import MasterWeights
+
+    def train(weight, weights=None):
+        opt = torch.optim.SGD(weights.master if weights else [weight], lr=1e-4)
+        for _ in range(100):
+            opt.zero_grad(set_to_none=True)
+            weight.grad = None
+            weight.float().sum().backward()
+            if weights:
+                weights.grads_to_master()
+            opt.step()
+            if weights:
+                weights.master_to_model()
+
+    bf16 = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    weights = MasterWeights([bf16])
+    train(bf16, weights)
+    torch.testing.assert_close(weights.master[0], torch.full((4,), 0.99), rtol=0, atol=1e-5)
+    assert bf16.dtype == torch.bfloat16 and (bf16 == torch.tensor(0.99).bfloat16()).all()
+    plain = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    train(plain)
+    assert (plain == 1).all()  # the update the master copy keeps
+    fp32 = torch.nn.Parameter(torch.ones(2))
+    assert MasterWeights([fp32]).master[0] is fp32  # fp32 weights are stepped in place, as before
