@@ -39,7 +39,7 @@ from fluxir.objectives import (LOG_MSE_EPS, flow_matching_per_sample, flow_match
                                per_sample_regression, sample_times)
 from fluxir.objectives import flow_matching_from_latents
 from fluxir.flow import initial_state, source_mean, source_sigma
-from fluxir.rewards import failures_by_term
+from fluxir.rewards import add_terms, failures_by_term
 from fluxir.rollouts import check_columns
 from fluxir.sampling import sample_trajectory
 from fluxir.seeds import Salt, mix_seed
@@ -252,8 +252,6 @@ def score_columns(rows: dict[str, torch.Tensor], weights, lpips=None, device=Non
     """The score columns (`rollouts.SCORE_COLUMNS`, on the CPU) of candidate rows (final, gt, lq, task), scored
     without gradients `weights.chunk` rows at a time on `device` (default: where `final` is): `score` plus the
     plug-in `terms` (`fluxir.rewards.load_terms`); lpips is NaN where the reward does not compute it."""
-    from fluxir.rewards import add_terms
-
     device = rows["final"].device if device is None else device
     parts = []
     with torch.no_grad():
